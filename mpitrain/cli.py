@@ -1,0 +1,179 @@
+"""Command line: ``mpitrain run | explain | diagnose``, and top-level error handling.
+
+A user error (:class:`MpitrainError`) becomes one message on stderr, printed by one rank,
+and a non-zero exit on every rank -- never a traceback per rank, never a hang:
+
+* errors every rank raised together (bad config, replica checks, preemption, a fault that
+  the transport reported to all ranks) exit each process with the error's code;
+* an error only one rank saw (a NaN loss on that rank's shard, say) aborts the whole job
+  with MPI_Abort, since the other ranks may already wait in a collective for it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import ConfigError, LaunchError, MpitrainError
+
+OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
+    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpitrain", description="MPI data-parallel training with fault injection in the "
+                                     "gradient message path.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train a job (under mpiexec/srun, or -n P to launch)",
+                         description="Train JOB (a TOML job file; default: the built-in digits "
+                                     "job). Launch with `mpiexec -n P mpitrain run JOB`, under "
+                                     "srun, or with `mpitrain run -n P JOB`.")
+    run.add_argument("job", nargs="?", help="job file (TOML); omit for the built-in digits job")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a job key (TOML value syntax; "
+                     "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
+    run.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
+                     help="add a fault rule, e.g. --fault 'kind=drop,step=3,layer=1'; repeatable")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest checkpoint in the output folder "
+                          "(starts fresh when there is none)")
+    run.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
+                     help="start P ranks with the mpiexec that belongs to mpi4py")
+    run.set_defaults(func=cmd_run)
+
+    explain = sub.add_parser("explain", help="the chapter's worked example, step by step")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(func=cmd_explain)
+
+    diagnose = sub.add_parser("diagnose", help="line up the ranks' collective ledgers of a run")
+    diagnose.add_argument("run_dir", help="the run's output folder")
+    diagnose.set_defaults(func=cmd_diagnose)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MpitrainError as err:  # raised before MPI started, or by a single process
+        print(f"mpitrain: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("mpitrain: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- run
+def cmd_run(args) -> int:
+    if args.nprocs is not None:
+        return launch(args)
+    from . import config, context
+    env = context.environment()
+    world = context.World(env)
+    try:
+        with world.collective_errors():
+            world.check_launcher()
+            rules = [parse_fault(text) for text in args.faults]
+            cfg = config.load(args.job, args.overrides, env, extra_rules=rules)
+            ctx = context.RankContext.create(world, cfg, env)
+            from . import train
+            prepared = train.setup(ctx, cfg)
+        # From here on, every collective is matched on all ranks: a rank that fails alone
+        # aborts the job (see _exit_on_error) instead of leaving the others waiting.
+        ctx.connect(world)
+        summary = train.run(ctx, cfg, prepared, resume=args.resume)
+    except MpitrainError as err:
+        _exit_on_error(err, world)
+    except Exception:  # a bug: show where, and take the job down rather than hang it
+        traceback.print_exc()
+        sys.stderr.flush()
+        world.comm.Abort(1)
+    if world.rank == 0:
+        _print_summary(summary)
+    ctx.close()
+    return 0
+
+
+def _exit_on_error(err: MpitrainError, world) -> None:
+    """Print ``err`` once and end this rank -- and the job -- with its exit code."""
+    everywhere = err.reporter is not None
+    if not everywhere or err.reporter == world.rank:
+        print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if world.size > 1 and not everywhere:
+        world.comm.Abort(err.exit_code)
+    # Skip MPI_Finalize: after a failed collective it may wait for ranks that left.
+    os._exit(err.exit_code)
+
+
+def _print_summary(summary: dict) -> None:
+    parts = [f"{summary['steps']} steps", f"loss {summary.get('loss', float('nan')):.4f}"]
+    print(f"mpitrain: done: {', '.join(parts)}; outputs in {summary['out']}", file=sys.stderr)
+
+
+def parse_fault(text: str) -> dict:
+    """A fault rule from the command line: 'kind=drop,step=3' or TOML 'kind="drop", step=3'."""
+    from .config import _parse_value
+    import tomllib
+    try:
+        return tomllib.loads(f"r = {{{text}}}")["r"]
+    except tomllib.TOMLDecodeError:
+        pass
+    rule = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--fault {text}: expected key=value pairs separated by commas, "
+                              f"e.g. --fault 'kind=drop,step=3,layer=1'")
+        rule[k.strip()] = _parse_value(v)
+    return rule
+
+
+def launch(args) -> int:
+    """Re-run this command under ``mpiexec -n P`` from mpi4py's own MPI installation."""
+    if args.nprocs < 1:
+        raise ConfigError(f"-n {args.nprocs}: the number of ranks must be >= 1")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        raise LaunchError(f"no mpiexec next to {sys.executable}",
+                          hint="install MPI from PyPI into this environment (pip install mpich), "
+                               "or launch with your cluster's mpiexec/srun yourself")
+    import mpi4py
+    mpi4py.rc.initialize = False  # only ask which library; do not start MPI in the launcher
+    from mpi4py import MPI
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if "Open MPI" in MPI.Get_library_version():
+        for k, v in OPENMPI_LOCAL_ENV.items():
+            env.setdefault(k, v)
+    argv = [str(mpiexec), "-n", str(args.nprocs), sys.executable, "-m", "mpitrain", "run"]
+    argv += [args.job] if args.job else []
+    for o in args.overrides:
+        argv += ["--set", o]
+    for f in args.faults:
+        argv += ["--fault", f]
+    argv += ["--resume"] if args.resume else []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
+
+
+# --------------------------------------------------------------------------- other commands
+def cmd_explain(args) -> int:
+    from .explain import main as explain_main
+    return explain_main(json_output=args.json)
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose
+    report, code = diagnose(Path(args.run_dir))
+    print(report)
+    return code

@@ -1,0 +1,379 @@
+"""JobConfig: one frozen, validated description of a training job.
+
+Sources, later ones win:  built-in defaults (the digits job)  <  the job file (TOML)
+<  ``MPITRAIN_<SECTION>_<KEY>`` environment variables  <  ``--set section.key=value``.
+
+Every key is declared once, as a dataclass field whose metadata says what is allowed;
+validation walks those declarations, so an unknown section or key, a wrong type or a value
+out of range becomes one :class:`ConfigError` naming where the value came from (file,
+variable or option), the key, and what is allowed.  This module reads no environment
+itself: the caller (the context) hands it the variables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "MPITRAIN_"
+
+
+# --------------------------------------------------------------------------- declarations
+def key(default: Any, *, choices: tuple | None = None, lo: float | None = None,
+        hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+        doc: str = "") -> Any:
+    """Declare one job-file key: its default and what is allowed."""
+    meta = dict(choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, doc=doc)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = key(0, lo=0, doc="seed of the whole run: init, shuffling, synthetic data")
+    epochs: int | None = key(None, lo=1, doc="passes over the training split")
+    steps: int | None = key(None, lo=1, doc="global steps; wins over epochs when both are set")
+    out: str = key("runs/{job}", doc="output folder; {job} = job file stem, "
+                                     "{slurm_job_id} = Slurm job id or 'local'")
+    checkpoint_every: int = key(0, lo=0, doc="steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = key(3, lo=1, doc="newest checkpoints kept")
+    log_every: int = key(10, lo=1, doc="steps between progress lines when not on a terminal")
+    progress: str = key("auto", choices=("auto", "bar", "plain", "off"))
+    blas_threads: int = key(1, lo=1, doc="BLAS threads per rank")
+    device: str = key("cpu", choices=("cpu", "gpu"), doc="NumPy (cpu) or CuPy (gpu)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = key("digits", choices=("digits", "synthetic", "file"))
+    path: str | None = key(None, doc=".npz with x and y, or a folder with x.npy and y.npy")
+    batch_size: int = key(32, lo=1, doc="samples per rank per step")
+    shuffle: bool = key(True)
+    val_fraction: float = key(0.1, lo=0.0, hi=1.0, hi_open=True, doc="0 turns validation off")
+    tail: str = key("drop", choices=("drop", "weighted"),
+                    doc="last partial global batch of an epoch: dropped, or used with "
+                        "per-rank weights so the mean stays exact")
+    task: str = key("classification", choices=("classification", "regression"),
+                    doc="synthetic only")
+    samples: int = key(2048, lo=1, doc="synthetic only")
+    features: int = key(16, lo=1, doc="synthetic only")
+    classes: int = key(4, lo=2, doc="synthetic classification only")
+    noise: float = key(0.1, lo=0.0, doc="synthetic only")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layers: list[int] = key([64, 10], doc="widths after the input, output last")
+    activation: str = key("relu", choices=("relu", "sigmoid", "tanh", "identity"))
+    output: str = key("softmax", choices=("identity", "softmax"))
+    loss: str = key("cross_entropy", choices=("mse", "cross_entropy"))
+    init: str = key("auto", doc="auto, he, xavier, normal, or a path to an .npz of parameters")
+    dtype: str = key("float32", choices=("float32", "float64"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = key("adam", choices=("sgd", "momentum", "adam"))
+    lr: float = key(0.005, lo=0.0, lo_open=True)
+    momentum: float = key(0.9, lo=0.0, hi=1.0, hi_open=True, doc="momentum only")
+    beta1: float = key(0.9, lo=0.0, hi=1.0, hi_open=True, doc="adam only")
+    beta2: float = key(0.999, lo=0.0, hi=1.0, hi_open=True, doc="adam only")
+    eps: float = key(1e-8, lo=0.0, lo_open=True, doc="adam only")
+    weight_decay: float = key(0.0, lo=0.0, doc="L2 penalty added to the gradient")
+    schedule: str = key("constant", choices=("constant", "step", "cosine"))
+    warmup_steps: int = key(0, lo=0, doc="linear warm-up from 0 to lr")
+    step_size: int = key(1000, lo=1, doc="schedule=step: steps between decays")
+    gamma: float = key(0.1, lo=0.0, lo_open=True, doc="schedule=step: decay factor")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    algorithm: str = key("native", choices=("native", "ring", "recursive_doubling", "tree"))
+    overlap: bool = key(True, doc="start each layer's allreduce during backward")
+    check_every: int = key(100, lo=0, doc="steps between replica hash checks (0: start and end)")
+
+
+FAULT_KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder", "crash", "slow")
+FAULT_PHASES = ("reduce_scatter", "allgather", "exchange", "reduce", "broadcast")
+
+
+@dataclass(frozen=True)
+class FaultRuleConfig:
+    kind: str = key("drop", choices=FAULT_KINDS)
+    step: int | None = key(None, lo=1)
+    layer: int | None = key(None, lo=0)
+    src: int | None = key(None, lo=0)
+    dst: int | None = key(None, lo=0)
+    phase: str | None = key(None, choices=FAULT_PHASES)
+    chunk: int | None = key(None, lo=0)
+    probability: float = key(1.0, lo=0.0, hi=1.0, lo_open=True)
+    count: int | None = key(None, lo=1)
+    delay_ms: float = key(0.0, lo=0.0)
+    corrupt: str = key("bitflip", choices=("bitflip", "nan"))
+    rank: int | None = key(None, lo=0, doc="crash and slow: the rank it acts on")
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    delivery: str = key("strict", choices=("strict", "lossy", "reliable"))
+    deadline_ms: float = key(10000.0, lo=0.0, lo_open=True)
+    seed: int = key(0, lo=0)
+    on_divergence: str = key("error", choices=("error", "warn"), doc="lossy mode")
+    rules: list[FaultRuleConfig] = key([])
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "data": DataConfig, "model": ModelConfig,
+    "optim": OptimConfig, "sync": SyncConfig, "faults": FaultsConfig,
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job, validated and frozen.  ``name`` is the job file stem."""
+
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    sync: SyncConfig
+    faults: FaultsConfig
+    name: str = "default"
+    path: str | None = None
+
+    def out_dir(self, slurm_job_id: str | None = None) -> Path:
+        return Path(self.run.out.format(job=self.name, slurm_job_id=slurm_job_id or "local"))
+
+    def to_toml(self) -> str:
+        """The resolved configuration as a job file that reproduces this run."""
+        lines = [f"# resolved configuration of job '{self.name}'"]
+        for sec in SECTIONS:
+            obj = getattr(self, sec)
+            lines.append(f"\n[{sec}]")
+            rules = []
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if f.name == "rules":
+                    rules = value
+                elif value is not None:
+                    lines.append(f"{f.name} = {_toml_value(value)}")
+            for rule in rules:
+                lines.append("\n[[faults.rules]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(rule).items()
+                          if v is not None]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string
+
+
+# --------------------------------------------------------------------------- loading
+def load(path: str | Path | None = None, overrides: list[str] = (),
+         environ: Mapping[str, str] | None = None, extra_rules: list[dict] = ()) -> JobConfig:
+    """Build the JobConfig of a job file plus env variables and ``--set`` overrides.
+
+    ``extra_rules`` (from ``--fault``) are appended to the fault rules of the other sources.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    name = "default"
+    if path is not None:
+        path = Path(path)
+        name = path.stem
+        _merge(raw, origin, _read_toml(path), str(path))
+    for var, text in sorted((environ or {}).items()):
+        if var.startswith(ENV_PREFIX):
+            sec, k = _split_env(var)
+            _merge(raw, origin, {sec: {k: _parse_value(text)}}, f"environment {var}")
+    for item in overrides:
+        sec, k, value = _split_override(item)
+        _merge(raw, origin, {sec: {k: value}}, f"--set {item}")
+    if extra_rules:
+        rules = list(raw.get("faults", {}).get("rules", [])) + list(extra_rules)
+        _merge(raw, origin, {"faults": {"rules": rules}}, "--fault")
+    sections = {sec: _build(cls, raw.get(sec, {}), sec, lambda k, s=sec: origin[(s, k)])
+                for sec, cls in SECTIONS.items()}
+    cfg = JobConfig(**sections, name=name, path=str(path) if path else None)
+    _check_combinations(cfg, origin, str(path) if path else "the defaults")
+    return cfg
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"job file {path} is a folder, not a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _merge(raw: dict, origin: dict, data: dict, where: str) -> None:
+    for sec, table in data.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{sec}]{_suggest(sec, SECTIONS)}; "
+                              f"allowed sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{sec}] must be a table of keys, got {table!r}")
+        for k, value in table.items():
+            raw.setdefault(sec, {})[k] = value
+            origin[(sec, k)] = where
+
+
+def _split_env(var: str) -> tuple[str, str]:
+    rest = var[len(ENV_PREFIX):].lower()
+    sec, _, k = rest.partition("_")
+    if sec not in SECTIONS or not k:
+        raise ConfigError(f"environment {var}: not a job setting; use MPITRAIN_<SECTION>_<KEY> "
+                          f"with a section of {', '.join(SECTIONS)} (e.g. MPITRAIN_DATA_BATCH_SIZE)")
+    return sec, k
+
+
+def _split_override(item: str) -> tuple[str, str, Any]:
+    lhs, eq, text = item.partition("=")
+    sec, dot, k = lhs.strip().partition(".")
+    if not eq or not dot or not k:
+        raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set optim.lr=0.01")
+    return sec, k, _parse_value(text)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (number, bool, quoted string, array, inline table); else the bare text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# --------------------------------------------------------------------------- validation
+def _build(cls: type, table: dict, sec: str, where_of) -> Any:
+    """Validate one table into the dataclass ``cls``; ``where_of(key)`` names its source."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for k, value in table.items():
+        if k not in names:
+            raise ConfigError(f"{where_of(k)}: unknown key '{k}' in [{sec}]{_suggest(k, names)}; "
+                              f"allowed: {', '.join(names)}")
+        values[k] = _check(cls, k, hints[k], value, where_of(k), sec)
+    return cls(**values)
+
+
+def _check(cls: type, k: str, hint: Any, value: Any, where: str, sec: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == k)
+    meta = f.metadata
+    label = f"{where}: [{sec}] {k} = {_show(value)}"
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional and value is None:
+        return None
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    origin_type = typing.get_origin(base)
+    if origin_type is list:
+        (item_type,) = typing.get_args(base)
+        if not isinstance(value, list):
+            raise ConfigError(f"{label}: must be a list")
+        if dataclasses.is_dataclass(item_type):
+            return [_build_rule(item_type, v, where, i) for i, v in enumerate(value)]
+        if not value:
+            raise ConfigError(f"{label}: must not be empty")
+        out = [_check_scalar(item_type, v, label) for v in value]
+        if item_type is int and any(v < 1 for v in out):
+            raise ConfigError(f"{label}: every width must be >= 1")
+        return out
+    value = _check_scalar(base, value, label)
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{label}: allowed values are {', '.join(map(repr, meta['choices']))}"
+                          f"{_suggest(str(value), meta['choices'])}")
+    _check_range(value, meta, label)
+    return value
+
+
+def _build_rule(cls: type, value: Any, where: str, index: int) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: faults.rules[{index}] must be a table like "
+                          f"{{kind = \"drop\", step = 3}}, got {_show(value)}")
+    if "kind" not in value:
+        raise ConfigError(f"{where}: faults.rules[{index}] needs a kind; allowed: "
+                          f"{', '.join(FAULT_KINDS)}")
+    return _build(cls, value, f"faults.rules[{index}]", lambda k: where)
+
+
+def _check_scalar(typ: type, value: Any, label: str) -> Any:
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label}: must be true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{label}: must be an integer")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{label}: must be a finite number")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{label}: must be a string (quote it in TOML)")
+        return value
+    raise TypeError(typ)  # a declaration this module does not know: a bug, not bad input
+
+
+def _check_range(value: Any, meta: Mapping, label: str) -> None:
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        raise ConfigError(f"{label}: must be {'>' if meta['lo_open'] else '>='} {lo}")
+    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
+        raise ConfigError(f"{label}: must be {'<' if meta['hi_open'] else '<='} {hi}")
+
+
+def _show(value: Any) -> str:
+    return _toml_value(value) if isinstance(value, (bool, int, float, str, list)) else repr(value)
+
+
+def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> None:
+    """Rules that involve more than one key."""
+    def where(sec: str, k: str) -> str:
+        return origin.get((sec, k), default_where)
+
+    m = cfg.model
+    if m.loss == "cross_entropy" and m.output != "softmax":
+        src = origin.get(("model", "loss")) or origin.get(("model", "output"), default_where)
+        raise ConfigError(f"{src}: [model] loss = \"cross_entropy\" needs "
+                          f"output = \"softmax\" (it is the log-loss of probabilities); "
+                          f"use loss = \"mse\" for output = \"{m.output}\"")
+    if cfg.data.source == "file" and not cfg.data.path:
+        raise ConfigError(f"{where('data', 'source')}: [data] source = \"file\" needs "
+                          f"[data] path (an .npz with arrays x and y, or a folder with x.npy "
+                          f"and y.npy)")
+    if cfg.data.path and cfg.data.source != "file":
+        raise ConfigError(f"{where('data', 'path')}: [data] path is only read with "
+                          f"source = \"file\" (source is \"{cfg.data.source}\")")
+    try:
+        cfg.out_dir()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{where('run', 'out')}: [run] out = {cfg.run.out!r}: unknown "
+                          f"placeholder {exc}; allowed: {{job}}, {{slurm_job_id}}") from None

@@ -1,0 +1,168 @@
+"""RankContext: the one module that reads MPI.COMM_WORLD and the environment.
+
+Everything else in mpitrain is handed a :class:`RankContext` (or plain values taken from
+it).  That keeps the rest testable without MPI and makes every global input visible here:
+
+* the process environment (``MPITRAIN_*`` settings, Slurm variables, launcher variables);
+* ``MPI.COMM_WORLD``, of which the harness only ever uses a *duplicate*, so its messages
+  can never match those of user code or of another library on the same processes;
+* the BLAS thread pool (one thread per rank by default: ranks of several BLAS threads
+  each fight over the cores and run 3-10x slower);
+* the array module ``xp``: NumPy on the CPU, CuPy on the GPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Iterator
+
+from .errors import LaunchError, MpitrainError
+
+# Variables that launchers set to the size of the job they started.  If one says P > 1
+# but MPI sees a world of 1, each process was started by a launcher that does not belong
+# to the MPI library mpi4py was built against: P independent rank-0 jobs.
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
+                      "SLURM_STEP_NUM_TASKS", "PMI_NUM_RANKS")
+
+
+def environment() -> dict[str, str]:
+    """A snapshot of the process environment, the only one mpitrain takes."""
+    return dict(os.environ)
+
+
+def mpi():
+    """The MPI module, initialised on first use (importing mpi4py.MPI calls MPI_Init)."""
+    from mpi4py import MPI
+    return MPI
+
+
+@dataclass(frozen=True)
+class SlurmInfo:
+    job_id: str | None
+    procid: int | None
+    restart_count: int
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "SlurmInfo":
+        procid = env.get("SLURM_PROCID")
+        return cls(env.get("SLURM_JOB_ID"), int(procid) if procid else None,
+                   int(env.get("SLURM_RESTART_COUNT") or 0))
+
+
+class World:
+    """COMM_WORLD as the harness sees it before a job is configured."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.comm = mpi().COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    def check_launcher(self) -> None:
+        """Fail if the launcher started P processes but MPI sees a world of one."""
+        if self.size != 1:
+            return
+        for var in LAUNCHER_SIZE_VARS:
+            value = self.env.get(var, "")
+            if value.isdigit() and int(value) > 1:
+                lib = mpi().Get_library_version().splitlines()[0].strip()
+                raise LaunchError(
+                    f"the launcher started {value} processes ({var}={value}) but MPI sees a "
+                    f"world of 1: every process is its own rank 0, training {value} separate "
+                    f"copies. mpi4py here uses {lib}; its launcher is "
+                    f"{os.path.join(os.path.dirname(sys.executable), 'mpiexec')}.",
+                    hint="launch with the mpiexec that belongs to mpi4py (or `mpitrain run -n P "
+                         "JOB`), or under Slurm with the matching PMI: srun --mpi=pmi2 for the "
+                         "MPICH wheel, srun --mpi=pmix for Open MPI")
+
+    @contextmanager
+    def collective_errors(self) -> Iterator[None]:
+        """Make a user error on any rank an error on every rank.
+
+        All ranks must enter and leave this block together.  If the block raises an
+        :class:`MpitrainError` on some ranks, every rank raises one, carrying
+        ``reporter`` = the lowest failing rank, so the message is printed once and no rank
+        goes on alone into a collective that would never complete.
+        """
+        MPI = mpi()
+        error: MpitrainError | None = None
+        try:
+            yield
+        except MpitrainError as exc:
+            error = exc
+        failed = self.comm.allreduce(self.rank if error else self.size, op=MPI.MIN)
+        if failed < self.size:
+            if error is None:
+                error = MpitrainError(f"rank {failed} failed during setup")
+            error.reporter = failed
+            raise error
+
+
+@dataclass
+class RankContext:
+    """What one rank knows about the job it is part of.
+
+    ``comm`` is the harness's own duplicate of COMM_WORLD.  ``xp`` is numpy or cupy.
+    """
+
+    comm: object
+    rank: int
+    size: int
+    xp: ModuleType
+    seed: int
+    slurm: SlurmInfo
+    env: dict[str, str] = field(repr=False, default_factory=dict)
+    _blas_limits: object = field(repr=False, default=None)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.xp.__name__ == "cupy"
+
+    @classmethod
+    def create(cls, world: World, cfg, env: dict[str, str]) -> "RankContext":
+        """Set up this rank for ``cfg``: BLAS threads and array module.
+
+        Local only (no communication), so it may fail inside ``World.collective_errors``;
+        call :meth:`connect` afterwards, on every rank, to get the communicator.
+        """
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(limits=cfg.run.blas_threads, user_api="blas")
+        xp = _array_module(cfg.run.device, world.rank)
+        return cls(comm=None, rank=world.rank, size=world.size, xp=xp, seed=cfg.run.seed,
+                   slurm=SlurmInfo.from_env(env), env=env, _blas_limits=limits)
+
+    def connect(self, world: World) -> None:
+        """Collective: duplicate COMM_WORLD into the harness's own communicator."""
+        self.comm = world.comm.Dup()
+        self.comm.Set_name("mpitrain")
+
+    def close(self) -> None:
+        """Free the duplicated communicator (collective: every rank calls it)."""
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+
+def _array_module(device: str, rank: int) -> ModuleType:
+    if device == "cpu":
+        import numpy
+        return numpy
+    try:
+        import cupy
+        ndev = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # ImportError, or CUDA driver/runtime errors
+        raise MpitrainError(f"[run] device = \"gpu\" but CuPy cannot use a GPU here: {exc}",
+                            hint="install the gpu extra (pip install -e '.[gpu]') on a machine "
+                                 "with a CUDA GPU, or set run.device = \"cpu\"") from None
+    if ndev == 0:
+        raise MpitrainError("[run] device = \"gpu\" but no CUDA device is visible",
+                            hint="set run.device = \"cpu\"")
+    cupy.cuda.Device(rank % ndev).use()  # one GPU per rank, round-robin over the node's GPUs
+    return cupy

@@ -1,0 +1,216 @@
+"""Data sets and the sampler that gives each rank its shard.
+
+A data set is a pair of host arrays ``x`` (n, features) and ``y`` (n,) integer labels or
+(n, k) targets; for ``source = "file"`` they are memory-mapped, so a rank only reads the
+rows of its own shard.  The validation split is fixed by the run seed.
+
+Sharding (:class:`ShardSampler`) is a pure function of (seed, epoch, rank, size): the epoch's
+order is a permutation drawn from (seed, epoch) alone -- the same on every rank and for every
+rank count -- and global step k of the epoch takes the next ``size * batch_size`` samples of
+it, rank r the r-th block of ``batch_size``.  So with per-rank batch b, P ranks see exactly
+the samples one process sees with batch P*b, shuffled or not.  Nothing is ever padded with
+duplicated samples: the last partial global batch is dropped (``tail = "drop"``) or split
+over the ranks as far as it goes (``tail = "weighted"``; ranks past the end get no samples and
+every sample is weighted by 1/(samples in the global batch), so the mean stays exact).
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Host arrays plus what the model needs to know about them."""
+
+    x: np.ndarray            # (n, features), any float/int dtype; may be a memmap
+    y: np.ndarray            # (n,) int labels, or (n, k) targets
+    name: str
+    classes: int | None      # number of classes for labels; None for regression targets
+
+    @property
+    def features(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def target_width(self) -> int:
+        """Width the model's output layer must have."""
+        if self.y.ndim == 1:
+            return self.classes if self.classes is not None else 1
+        return self.y.shape[1]
+
+    def batch(self, idx: np.ndarray, dtype, xp) -> tuple:
+        """Rows ``idx`` as (inputs, targets) of ``dtype`` on the array module ``xp``.
+
+        Integer labels become one-hot rows, so every loss sees (batch, width) targets.
+        """
+        x = np.asarray(self.x[idx], dtype=dtype)
+        y = np.asarray(self.y[idx])
+        if y.ndim == 1 and self.classes is not None:
+            onehot = np.zeros((len(idx), self.classes), dtype=dtype)
+            onehot[np.arange(len(idx)), y] = 1
+            y = onehot
+        y = y.astype(dtype, copy=False)
+        return xp.asarray(x), xp.asarray(y)
+
+
+# --------------------------------------------------------------------------- sources
+def load(data_cfg, seed: int) -> Dataset:
+    """The data set a job names (``[data] source``)."""
+    if data_cfg.source == "digits":
+        return digits()
+    if data_cfg.source == "synthetic":
+        return synthetic(data_cfg, seed)
+    return from_file(Path(data_cfg.path))
+
+
+def digits() -> Dataset:
+    """The UCI optical handwritten digits (8x8, 1,797 samples, 10 classes), pixels scaled to [0, 1].
+
+    Shipped with the package (the copy scikit-learn bundles; Alpaydin & Kaynak, UCI, CC BY 4.0).
+    """
+    with resources.files("mpitrain").joinpath("datasets/digits.npz").open("rb") as fh:
+        with np.load(fh) as z:
+            x, y = z["x"].astype(np.float64) / 16.0, z["y"].astype(np.int64)
+    return Dataset(x, y, "digits", 10)
+
+
+def synthetic(cfg, seed: int) -> Dataset:
+    """Seeded generated data: Gaussian class blobs, or a smooth nonlinear regression.
+
+    classification: ``classes`` centres drawn from N(0, I) in ``features`` dimensions; each
+    sample is its class centre plus ``noise`` * N(0, I).
+    regression: x ~ N(0, I); y = tanh(x . a) + 0.5 sin(x . b) + ``noise`` * N(0, 1), one target.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
+    n, f = cfg.samples, cfg.features
+    if cfg.task == "classification":
+        centres = rng.normal(size=(cfg.classes, f))
+        y = rng.integers(0, cfg.classes, size=n)
+        x = centres[y] + cfg.noise * rng.normal(size=(n, f))
+        return Dataset(x, y, f"synthetic-classification-{cfg.classes}", cfg.classes)
+    x = rng.normal(size=(n, f))
+    a, b = rng.normal(size=f) / np.sqrt(f), rng.normal(size=f) / np.sqrt(f)
+    y = np.tanh(x @ a) + 0.5 * np.sin(x @ b) + cfg.noise * rng.normal(size=n)
+    return Dataset(x, y.reshape(n, 1), "synthetic-regression", None)
+
+
+def from_file(path: Path) -> Dataset:
+    """An .npz with arrays ``x`` and ``y``, or a folder holding ``x.npy`` and ``y.npy``.
+
+    Arrays are memory-mapped (for an .npz, only when saved uncompressed, ``np.savez``), so
+    each rank reads just the rows of its shard.  ``y`` may hold integer class labels, one-hot
+    rows, or float targets.
+    """
+    if path.is_dir():
+        arrays = {k: _load_npy(path / f"{k}.npy") for k in ("x", "y")}
+    elif path.is_file():
+        arrays = {k: _npz_member(path, k) for k in ("x", "y")}
+    else:
+        raise DataError(f"[data] path = {str(path)!r}: no such file or folder",
+                        hint="give an .npz with arrays x and y, or a folder with x.npy and y.npy")
+    x, y = arrays["x"], arrays["y"]
+    where = f"[data] path = {str(path)!r}"
+    if x.ndim != 2:
+        raise DataError(f"{where}: x must be 2-D (samples, features), got shape {x.shape}")
+    if y.ndim not in (1, 2) or len(y) != len(x):
+        raise DataError(f"{where}: y must have one row per sample of x ({len(x)}), "
+                        f"got shape {y.shape}")
+    classes = None
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        if len(y) and y.min() < 0:
+            raise DataError(f"{where}: integer labels in y must be >= 0, found {y.min()}")
+        classes = int(y.max()) + 1 if len(y) else 0
+    elif y.ndim == 1:
+        y = y.reshape(-1, 1)
+    return Dataset(x, y, path.stem, classes)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise DataError(f"[data] path: {path} is missing",
+                        hint="a data folder holds x.npy (samples, features) and y.npy") from None
+    except ValueError as exc:
+        raise DataError(f"[data] path: {path} is not a readable .npy file: {exc}") from None
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """Array ``name`` of an .npz: memory-mapped if stored uncompressed, else read whole."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise DataError(f"[data] path = {str(path)!r} is not an .npz file",
+                        hint="save it with numpy.savez(path, x=..., y=...)") from None
+    with zf:
+        try:
+            info = zf.getinfo(f"{name}.npy")
+        except KeyError:
+            raise DataError(f"[data] path = {str(path)!r} has no array '{name}' "
+                            f"(it has: {', '.join(n.removesuffix('.npy') for n in zf.namelist())})",
+                            hint="the .npz needs arrays named x and y") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            with zf.open(info) as fh:
+                return np.lib.format.read_array(fh)
+        with open(path, "rb") as raw:
+            # Local file header: 30 fixed bytes, then the name and an extra field.
+            raw.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(raw.read(4), dtype="<u2")
+            raw.seek(info.header_offset + 30 + int(name_len) + int(extra_len))
+            version = np.lib.format.read_magic(raw)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(raw)
+            offset = raw.tell()
+    if dtype.hasobject:
+        raise DataError(f"[data] path = {str(path)!r}: array '{name}' holds Python objects")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset,
+                     order="F" if fortran else "C")
+
+
+# --------------------------------------------------------------------------- splitting
+def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation samples, fixed by the seed."""
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x5A1])).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class ShardSampler:
+    """Which samples rank ``rank`` of ``size`` uses at each step (see the module docstring)."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, rank: int, size: int, seed: int,
+                 shuffle: bool, tail: str):
+        self.indices, self.batch_size = indices, batch_size
+        self.rank, self.size, self.seed = rank, size, seed
+        self.shuffle, self.tail = shuffle, tail
+        self.global_batch = batch_size * size
+        n = len(indices)
+        if tail == "drop":
+            self.steps_per_epoch = n // self.global_batch
+        else:
+            self.steps_per_epoch = -(-n // self.global_batch)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's sample order: a function of (seed, epoch) only, never of rank or size."""
+        if not self.shuffle:
+            return self.indices
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xE90C, epoch]))
+        return self.indices[rng.permutation(len(self.indices))]
+
+    def shard(self, epoch: int, step_in_epoch: int, order: np.ndarray | None = None
+              ) -> tuple[np.ndarray, int]:
+        """(this rank's sample indices, samples in the whole global batch) for one step."""
+        if order is None:
+            order = self.epoch_order(epoch)
+        start = step_in_epoch * self.global_batch
+        batch = order[start:start + self.global_batch]
+        mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return mine, len(batch)

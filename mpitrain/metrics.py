@@ -1,0 +1,112 @@
+"""Metrics, progress and events of a run (rank 0 writes; other ranks keep silent).
+
+``metrics.jsonl`` has one JSON object a line:
+
+* ``{"kind": "step", "step", "epoch", "loss", "accuracy", "lr", "samples",
+  "time_compute", "time_wait", "time_total", "samples_per_s"}`` -- every step; ``loss`` is
+  the mean over the global batch, times are rank 0's seconds: computing, waiting for
+  gradient communication, and the whole step;
+* ``{"kind": "epoch", "step", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"}`` --
+  at the end of each epoch (train figures are means over the epoch's steps; ``val_*`` are
+  null when validation is off).
+
+``events.jsonl`` records what happened to the run (faults injected, retransmissions,
+checks, resume, preemption), one object a line with at least ``event`` and ``step``.
+Epochs count from 0, steps from 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import checkpoint
+
+
+class Metrics:
+    """Writes metrics and events on rank 0 and drives the progress display."""
+
+    def __init__(self, out: Path, active: bool, progress: str, total_steps: int,
+                 log_every: int, start_step: int = 0):
+        self.active, self.total, self.log_every = active, total_steps, log_every
+        self.out = out
+        self._bar = None
+        self._plain = False
+        self._metrics = self._events = None
+        if not active:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_after(out / "metrics.jsonl", start_step)
+        _truncate_after(out / "events.jsonl", start_step)
+        self._metrics = open(out / "metrics.jsonl", "a", buffering=1)
+        self._events = open(out / "events.jsonl", "a", buffering=1)
+        tty = sys.stderr.isatty()
+        if progress == "bar" or (progress == "auto" and tty):
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                             dynamic_ncols=True, file=sys.stderr, mininterval=0.2)
+        self._plain = progress == "plain" or (progress == "auto" and not tty)
+
+    def step(self, record: dict) -> None:
+        if not self.active:
+            return
+        self._metrics.write(json.dumps({"kind": "step", **record}) + "\n")
+        step = record["step"]
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                  samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
+            self._bar.update(1)
+        elif self._plain and (step % self.log_every == 0 or step == self.total):
+            print(f"step {step}/{self.total}  epoch {record['epoch']}  loss {record['loss']:.4f}"
+                  f"  {record['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)
+
+    def epoch(self, record: dict) -> None:
+        if not self.active:
+            return
+        self._metrics.write(json.dumps({"kind": "epoch", **record}) + "\n")
+        val = ("" if record["val_loss"] is None else
+               f"  val_loss {record['val_loss']:.4f}  val_acc {_fmt(record['val_accuracy'])}")
+        line = (f"epoch {record['epoch']}  step {record['step']}  loss {record['loss']:.4f}  "
+                f"acc {_fmt(record['accuracy'])}{val}")
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        elif self._plain:
+            print(line, file=sys.stderr, flush=True)
+
+    def event(self, event: str, step: int, **fields) -> None:
+        if self.active:
+            self._events.write(json.dumps({"event": event, "step": step, **fields}) + "\n")
+
+    def note(self, text: str) -> None:
+        """A line for the user (rank 0 only), kept apart from the progress bar."""
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        for fh in (self._metrics, self._events):
+            if fh is not None:
+                fh.close()
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps after ``step`` (a resumed run redoes them); keep the rest."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    checkpoint.write_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All records of a JSONL file (for tools and tests)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

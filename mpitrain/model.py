@@ -1,0 +1,205 @@
+"""The model replica: dense layers, activations, losses; forward and backward by hand.
+
+Conventions (those of the parameter files and of the chapter):
+
+* layer i (0 at the input side) computes ``z = a_prev @ W + b`` with W of shape
+  (fan_in, fan_out), then ``a = f(z)``;
+* ``mse`` is 0.5 * (mean over the batch) of the sum of squared errors;
+  ``cross_entropy`` is the mean over the batch of -sum(t * log p) on softmax outputs;
+* each layer keeps its parameters -- and its gradients -- in ONE flat contiguous buffer,
+  with the weight and bias as views into it.  Backward writes a layer's gradients straight
+  into its buffer, which is exactly what the synchronizer reduces (no packing copy) and what
+  the optimizer updates in one pass.
+
+``backward`` is a generator that yields each layer's index as soon as that layer's gradients
+exist, last layer first, so the caller can start the layer's allreduce while the backward
+pass goes on to the layer before (the overlap of the chapter's Figure 2-12).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity", "softmax")
+
+
+@dataclass
+class LayerBuffer:
+    """One layer's parameters (or gradients): a flat buffer and two views into it."""
+
+    flat: object      # 1-D array of fan_in*fan_out + fan_out
+    weight: object    # (fan_in, fan_out) view
+    bias: object      # (fan_out,) view
+
+    @classmethod
+    def zeros(cls, fan_in: int, fan_out: int, dtype, xp) -> "LayerBuffer":
+        flat = xp.zeros(fan_in * fan_out + fan_out, dtype=dtype)
+        return cls(flat, flat[:fan_in * fan_out].reshape(fan_in, fan_out), flat[fan_in * fan_out:])
+
+
+def activate(name: str, z, xp):
+    if name == "relu":
+        return xp.maximum(z, 0)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + xp.exp(-z))
+    if name == "tanh":
+        return xp.tanh(z)
+    if name == "softmax":
+        e = xp.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return z
+
+
+def activation_backward(name: str, z, a, da, xp):
+    """dL/dz from dL/da for an element-wise activation (softmax is handled by the loss)."""
+    if name == "relu":
+        return da * (z > 0)
+    if name == "sigmoid":
+        return da * a * (1 - a)
+    if name == "tanh":
+        return da * (1 - a * a)
+    return da
+
+
+class MLP:
+    """A stack of dense layers; hidden layers use ``activation``, the last one ``output``."""
+
+    def __init__(self, n_inputs: int, widths: list[int], activation: str = "relu",
+                 output: str = "softmax", loss: str = "cross_entropy", dtype="float64", xp=np):
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.sizes = [n_inputs, *widths]
+        self.activations = [activation] * (len(widths) - 1) + [output]
+        self.loss_name = loss
+        shapes = list(zip(self.sizes[:-1], self.sizes[1:]))
+        self.params = [LayerBuffer.zeros(i, o, self.dtype, xp) for i, o in shapes]
+        self.grads = [LayerBuffer.zeros(i, o, self.dtype, xp) for i, o in shapes]
+        self._cache: list = []
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.params)
+
+    # ------------------------------------------------------------------ parameters
+    def init(self, scheme: str, seed: int) -> None:
+        """Seeded initialisation, identical on every rank; biases start at zero.
+
+        he: N(0, 2/fan_in); xavier: U(+-sqrt(6/(fan_in+fan_out))); normal: N(0, 0.01^2);
+        auto: he for relu networks, xavier otherwise.
+        """
+        if scheme == "auto":
+            scheme = "he" if self.activations[0] == "relu" else "xavier"
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1A17]))
+        for p, (fan_in, fan_out) in zip(self.params, zip(self.sizes[:-1], self.sizes[1:])):
+            if scheme == "he":
+                w = rng.normal(0.0, np.sqrt(2.0 / fan_in), (fan_in, fan_out))
+            elif scheme == "xavier":
+                lim = np.sqrt(6.0 / (fan_in + fan_out))
+                w = rng.uniform(-lim, lim, (fan_in, fan_out))
+            elif scheme == "normal":
+                w = rng.normal(0.0, 0.01, (fan_in, fan_out))
+            else:
+                raise ConfigError(f"[model] init = {scheme!r}: allowed are auto, he, xavier, "
+                                  f"normal, or a path to an .npz of parameters")
+            p.weight[...] = self.xp.asarray(w.astype(self.dtype))
+            p.bias[...] = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters as host arrays under the parameter-file keys."""
+        out = {}
+        for i, p in enumerate(self.params):
+            out[f"layers.{i}.weight"] = _host(p.weight)
+            out[f"layers.{i}.bias"] = _host(p.bias)
+        return out
+
+    def load_state(self, arrays, where: str) -> None:
+        """Copy parameters from a mapping with the parameter-file keys; check every shape."""
+        expected = {f"layers.{i}.{k}": getattr(p, k).shape
+                    for i, p in enumerate(self.params) for k in ("weight", "bias")}
+        extra = sorted(set(arrays) - set(expected))
+        if extra:
+            raise ConfigError(f"{where}: unexpected arrays {', '.join(extra)}; a model with "
+                              f"{self.n_layers} layers has {', '.join(expected)}")
+        for i, p in enumerate(self.params):
+            for k in ("weight", "bias"):
+                name = f"layers.{i}.{k}"
+                if name not in arrays:
+                    raise ConfigError(f"{where}: missing {name}; expected shape {expected[name]}")
+                value = np.asarray(arrays[name])
+                if value.shape != expected[name]:
+                    raise ConfigError(f"{where}: {name} has shape {value.shape}, the model "
+                                      f"needs {expected[name]} (y = x @ W + b, W is fan_in x "
+                                      f"fan_out)")
+                getattr(p, k)[...] = self.xp.asarray(value.astype(self.dtype))
+
+    def load_file(self, path: str | Path) -> None:
+        try:
+            with np.load(path) as z:
+                self.load_state({k: z[k] for k in z.files}, f"[model] init = {str(path)!r}")
+        except FileNotFoundError:
+            raise ConfigError(f"[model] init = {str(path)!r}: no such file") from None
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"[model] init = {str(path)!r}: not a readable .npz ({exc})") from None
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, x):
+        """Output of the network for inputs ``x`` (batch, n_inputs); keeps what backward needs."""
+        self._cache = [x]
+        a = x
+        for p, act in zip(self.params, self.activations):
+            z = a @ p.weight
+            z += p.bias
+            a = activate(act, z, self.xp)
+            self._cache.append((z, a))
+        return a
+
+    def loss(self, out, target, weight: float) -> tuple[float, object]:
+        """(sum over samples of weight * loss_i, dL/dz of the output layer).
+
+        ``weight`` is the factor of each sample, 1/batch for a plain mean.  Only one
+        forward may be outstanding: this uses the cache of the last ``forward``.
+        """
+        xp, act = self.xp, self.activations[-1]
+        if self.loss_name == "mse":
+            diff = out - target
+            value = 0.5 * float((diff * diff).sum()) * weight
+            dout = diff * weight
+            if act == "softmax":  # Jacobian of softmax: dz = p * (g - <g, p>)
+                return value, out * (dout - (dout * out).sum(axis=1, keepdims=True))
+            z = self._cache[-1][0]
+            return value, activation_backward(act, z, out, dout, xp)
+        # cross-entropy on softmax probabilities; dz = p * sum(t) - t (= p - t for one-hot)
+        value = -float((target * xp.log(xp.maximum(out, np.finfo(self.dtype).tiny))).sum()) * weight
+        return value, (out * target.sum(axis=1, keepdims=True) - target) * weight
+
+    def backward(self, dz) -> Iterator[int]:
+        """Write every layer's gradients, last layer first; yield each layer's index when done.
+
+        ``dz`` is dL/dz of the output layer (from :meth:`loss`).  The caller may hand the
+        yielded layer's ``grads[i].flat`` to the synchronizer at once: backward never touches
+        a layer's gradient buffer again after yielding it.
+        """
+        xp = self.xp
+        for i in range(self.n_layers - 1, -1, -1):
+            a_prev = self._cache[i] if i == 0 else self._cache[i][1]
+            g = self.grads[i]
+            xp.matmul(a_prev.T, dz, out=g.weight)
+            xp.sum(dz, axis=0, out=g.bias)
+            if i > 0:
+                da = dz @ self.params[i].weight.T
+                z_prev, a_prev_act = self._cache[i]
+                dz = activation_backward(self.activations[i - 1], z_prev, a_prev_act, da, xp)
+            yield i
+
+    def predict_stats(self, out, target) -> tuple[int, int]:
+        """(correct predictions, samples) for classification targets."""
+        xp = self.xp
+        return int((out.argmax(axis=1) == target.argmax(axis=1)).sum()), int(out.shape[0])
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.array(a)

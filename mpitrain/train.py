@@ -1,0 +1,283 @@
+"""The training loop, top to bottom.
+
+Every rank runs :func:`train` with the same config.  One step is:
+
+    shard of the global batch  ->  forward  ->  loss  ->  backward, layer by layer,
+    handing each layer's gradients to the synchronizer as they appear  ->  wait for the
+    averaged gradients  ->  optimizer step  ->  metrics / checkpoint.
+
+Ranks talk only through ``ctx.comm`` (the harness's own communicator): the gradient
+allreduces, one small non-blocking allreduce of the step statistics (loss, accuracy, and
+the "stop" flag of a preemption signal, so all ranks stop at the same step), and the replica
+checks.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from . import checkpoint, data
+from .errors import DataError, MpitrainError, NumericsError
+from .metrics import Metrics
+from .model import MLP
+from .optim import Optimizer, learning_rate
+from .sync import GradientSync, verify_replicas
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume me
+
+
+class Preempted(MpitrainError):
+    """A preemption signal arrived; every rank checkpointed at the same step."""
+
+    exit_code = PREEMPTED_EXIT
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built once per rank before step 1."""
+
+    out: Path
+    dataset: data.Dataset
+    sampler: data.ShardSampler
+    val_idx: np.ndarray
+    model: MLP
+    optim: Optimizer
+    total_steps: int
+    start_step: int
+
+
+def train(ctx, cfg, resume: bool = False) -> dict:
+    """Set up and run the job ``cfg`` on this rank (collective: every rank calls it)."""
+    return run(ctx, cfg, setup(ctx, cfg), resume)
+
+
+def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
+    """Collective: run the prepared job, first restoring the newest checkpoint if ``resume``.
+
+    Returns a summary (steps, output folder, the last step's metrics).
+    """
+    if resume:
+        s.start_step = _restore(ctx, s.out, s.model, s.optim, s.sampler)
+    metrics = Metrics(s.out, ctx.is_root, cfg.run.progress, s.total_steps, cfg.run.log_every,
+                      s.start_step)
+    if ctx.is_root:
+        checkpoint.write_text(s.out / "config.toml", cfg.to_toml())
+        if s.start_step:
+            metrics.note(f"resumed from the checkpoint of step {s.start_step}")
+            metrics.event("resume", s.start_step)
+    verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step, ctx.rank)
+    from .comm.allreduce import make_allreducer
+    allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, None)
+    sync = GradientSync(allreducer, [g.flat for g in s.model.grads], ctx.size, cfg.sync.overlap)
+    stop = _StopSignal()
+    try:
+        summary = _loop(ctx, cfg, s, sync, metrics, stop)
+    finally:
+        stop.restore()
+        metrics.close()
+    return summary
+
+
+def setup(ctx, cfg) -> Setup:
+    """Data, sampler, model and optimizer for this rank.  Local: no communication, so a
+    failure on one rank can be agreed on by all (``World.collective_errors``)."""
+    out = cfg.out_dir(ctx.slurm.job_id)
+    dataset = data.load(cfg.data, cfg.run.seed)
+    train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
+    _check_fits(cfg, dataset, len(train_idx), ctx.size)
+    sampler = data.ShardSampler(train_idx, cfg.data.batch_size, ctx.rank, ctx.size, cfg.run.seed,
+                                cfg.data.shuffle, cfg.data.tail)
+    total = cfg.run.steps or (cfg.run.epochs or 10) * sampler.steps_per_epoch
+    m = cfg.model
+    model = MLP(dataset.features, m.layers, m.activation, m.output, m.loss, m.dtype, ctx.xp)
+    if m.init in ("auto", "he", "xavier", "normal"):
+        model.init(m.init, cfg.run.seed)
+    else:
+        model.load_file(m.init)
+    optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
+    return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
+
+
+def _check_fits(cfg, dataset: data.Dataset, n_train: int, size: int) -> None:
+    width = cfg.model.layers[-1]
+    if dataset.target_width != width:
+        what = (f"{dataset.classes} classes" if dataset.classes is not None
+                else f"targets of width {dataset.target_width}")
+        raise DataError(f"[model] layers ends with {width} outputs but the data "
+                        f"({dataset.name}) has {what}",
+                        hint=f"set the last entry of [model] layers to {dataset.target_width}")
+    if n_train < size:
+        raise DataError(f"{size} ranks but only {n_train} training samples: every rank needs "
+                        f"at least one", hint="use fewer ranks or more data")
+    global_batch = cfg.data.batch_size * size
+    if cfg.data.tail == "drop" and n_train < global_batch:
+        raise DataError(f"the global batch ({size} ranks x batch_size {cfg.data.batch_size} = "
+                        f"{global_batch}) is larger than the {n_train} training samples, so "
+                        f"tail = \"drop\" leaves no step",
+                        hint="lower [data] batch_size, use fewer ranks, or set "
+                             "[data] tail = \"weighted\"")
+
+
+def _restore(ctx, out: Path, model: MLP, optim: Optimizer, sampler: data.ShardSampler) -> int:
+    """Collective: load the newest checkpoint (read by rank 0, broadcast); return its step.
+
+    Returns 0 when there is no checkpoint (a fresh start).  Every rank raises the same error
+    if rank 0 cannot read it.
+    """
+    loaded = None
+    if ctx.is_root:
+        try:
+            found = checkpoint.list_checkpoints(out)
+            loaded = checkpoint.load(found[-1]) if found else None
+        except MpitrainError as err:
+            loaded = err
+    loaded = ctx.comm.bcast(loaded, root=0)
+    if isinstance(loaded, MpitrainError):
+        loaded.reporter = 0
+        raise loaded
+    if loaded is None:
+        return 0
+    arrays, meta = loaded
+    if (meta["ranks"], meta["batch_size"]) != (ctx.size, sampler.batch_size):
+        raise MpitrainError(
+            f"the checkpoint of step {meta['step']} in {out} was written by {meta['ranks']} ranks "
+            f"with batch_size {meta['batch_size']}; this run has {ctx.size} ranks with "
+            f"batch_size {sampler.batch_size}, so it would not continue the same training",
+            hint="resume with the same rank count and batch size, or use a new [run] out",
+            reporter=0)
+    model.load_state({k: v for k, v in arrays.items() if k.startswith("layers.")},
+                     f"checkpoint step {meta['step']}")
+    optim.load_state_dict(arrays)
+    return int(meta["step"])
+
+
+def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_StopSignal") -> dict:
+    xp, model, sampler = ctx.xp, s.model, s.sampler
+    spe = sampler.steps_per_epoch
+    dtype = model.dtype
+    classify = s.dataset.classes is not None
+    stats = np.zeros(4)           # [weighted loss sum, correct, samples, stop flag]
+    epoch_sums = np.zeros(3)      # loss, correct, samples over the epoch so far
+    order, order_epoch = None, -1
+    record = {}
+    for step in range(s.start_step + 1, s.total_steps + 1):
+        t_start = time.perf_counter()
+        epoch, k = divmod(step - 1, spe)
+        if epoch != order_epoch:
+            order, order_epoch = sampler.epoch_order(epoch), epoch
+            if k:  # resumed mid-epoch: the epoch's sums so far are not known, restart them
+                epoch_sums[:] = 0
+        idx, n_global = sampler.shard(epoch, k, order)
+        x, y = s.dataset.batch(idx, dtype, xp)
+
+        # Forward and loss.  Each sample is weighted size/n_global: the allreduce sums over
+        # ranks and sync divides by size, leaving the mean over the global batch.
+        out = model.forward(x)
+        loss_sum, dz = model.loss(out, y, ctx.size / n_global)
+        if not np.isfinite(loss_sum):
+            raise NumericsError(f"rank {ctx.rank}: the loss is {loss_sum} at step {step}",
+                                hint="lower [optim] lr, or check the data for NaN/Inf")
+        correct = model.predict_stats(out, y)[0] if classify else 0
+        stats[:] = (loss_sum, correct, len(idx), stop.requested)
+        stats_req = ctx.comm.Iallreduce(MPI.IN_PLACE, stats, MPI.SUM)
+
+        # Backward, handing each layer to the synchronizer as soon as it is ready.
+        sync.begin(step)
+        for layer in model.backward(dz):
+            sync.layer_ready(layer)
+        waited = sync.finish()
+        t_wait = time.perf_counter()
+        stats_req.Wait()
+        waited += time.perf_counter() - t_wait
+
+        lr = learning_rate(cfg.optim, step, s.total_steps)
+        s.optim.step([g.flat for g in model.grads], lr)
+        total = time.perf_counter() - t_start
+
+        loss = stats[0] / ctx.size
+        epoch_sums += (stats[0] / ctx.size * stats[2], stats[1], stats[2])
+        record = {"step": step, "epoch": epoch, "loss": loss,
+                  "accuracy": stats[1] / stats[2] if classify else None, "lr": lr,
+                  "samples": int(stats[2]), "time_compute": total - waited, "time_wait": waited,
+                  "time_total": total, "samples_per_s": stats[2] / total}
+        metrics.step(record)
+
+        last = step == s.total_steps
+        if k == spe - 1 or last:
+            _end_of_epoch(ctx, cfg, s, metrics, step, epoch, epoch_sums, classify)
+            epoch_sums[:] = 0
+        if cfg.sync.check_every and step % cfg.sync.check_every == 0 and not last:
+            verify_replicas(ctx.comm, [p.flat for p in model.params], step, ctx.rank)
+        if stats[3] > 0:
+            _save_checkpoint(ctx, cfg, s, step)
+            metrics.event("preempted", step)
+            raise Preempted(f"stopped by a signal at step {step}; checkpoint written to "
+                            f"{checkpoint.checkpoint_dir(s.out)}",
+                            hint="run the same command with --resume to continue", reporter=0)
+        if last or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
+            _save_checkpoint(ctx, cfg, s, step)
+
+    verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps, ctx.rank)
+    if ctx.is_root:
+        checkpoint.write_npz(s.out / "model.npz", model.state())
+    return {"steps": s.total_steps, "out": str(s.out), **record}
+
+
+def _end_of_epoch(ctx, cfg, s: Setup, metrics: Metrics, step: int, epoch: int,
+                  sums: np.ndarray, classify: bool) -> None:
+    val_loss = val_acc = None
+    if len(s.val_idx):
+        val_loss, val_acc = evaluate(ctx, s.model, s.dataset, s.val_idx)
+        val_acc = val_acc if classify else None
+    n = max(sums[2], 1)
+    metrics.epoch({"step": step, "epoch": epoch, "loss": sums[0] / n,
+                   "accuracy": sums[1] / n if classify else None,
+                   "val_loss": val_loss, "val_accuracy": val_acc})
+
+
+def evaluate(ctx, model: MLP, dataset: data.Dataset, idx: np.ndarray,
+             chunk: int = 1024) -> tuple[float, float]:
+    """Collective: (mean loss, accuracy) over ``idx``, each rank taking a contiguous part."""
+    part = np.array_split(idx, ctx.size)[ctx.rank]
+    totals = np.zeros(3)
+    for start in range(0, len(part), chunk):
+        x, y = dataset.batch(part[start:start + chunk], model.dtype, ctx.xp)
+        out = model.forward(x)
+        loss_sum, _ = model.loss(out, y, 1.0)
+        totals += (loss_sum, model.predict_stats(out, y)[0], len(x))
+    ctx.comm.Allreduce(MPI.IN_PLACE, totals, MPI.SUM)
+    return totals[0] / totals[2], totals[1] / totals[2]
+
+
+def _save_checkpoint(ctx, cfg, s: Setup, step: int) -> None:
+    if ctx.is_root:
+        meta = {"ranks": ctx.size, "batch_size": cfg.data.batch_size, "job": cfg.name}
+        checkpoint.save(s.out, step, {**s.model.state(), **s.optim.state_dict()}, meta,
+                        cfg.run.keep_checkpoints)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGUSR1 (preemption, Slurm's --signal) into a flag read at step ends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = 0
+        self._old = {}
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. embedded use): no preemption
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = 1
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,93 @@
+"""The model's backward pass against finite differences, and the loss conventions."""
+import itertools
+
+import numpy as np
+import pytest
+
+from mpitrain.model import MLP
+
+COMBOS = [(act, out, loss)
+          for act, out, loss in itertools.product(("relu", "sigmoid", "tanh", "identity"),
+                                                  ("identity", "softmax"),
+                                                  ("mse", "cross_entropy"))
+          if not (loss == "cross_entropy" and out == "identity")]
+
+
+def make(act, out, loss, seed=0):
+    rng = np.random.default_rng(seed)
+    model = MLP(5, [7, 6, 3], act, out, loss, "float64")
+    model.init("xavier", seed)
+    for p in model.params:  # non-zero biases, so bias gradients are tested too
+        p.bias[...] = rng.normal(0, 0.3, p.bias.shape)
+    x = rng.normal(size=(9, 5))
+    if loss == "cross_entropy":
+        t = np.eye(3)[rng.integers(0, 3, 9)]
+    else:
+        t = rng.normal(size=(9, 3))
+    return model, x, t
+
+
+def loss_of(model, x, t, weight):
+    return model.loss(model.forward(x), t, weight)[0]
+
+
+@pytest.mark.parametrize("act,out,loss", COMBOS)
+def test_gradients_match_finite_differences(act, out, loss):
+    model, x, t = make(act, out, loss)
+    weight = 1 / len(x)
+    _, dz = model.loss(model.forward(x), t, weight)
+    order = list(model.backward(dz))
+    assert order == [2, 1, 0], "backward must hand layers over last layer first"
+    h = 1e-6
+    for i, (p, g) in enumerate(zip(model.params, model.grads)):
+        analytic = g.flat.copy()
+        numeric = np.empty_like(analytic)
+        for j in range(p.flat.size):
+            old = p.flat[j]
+            p.flat[j] = old + h
+            up = loss_of(model, x, t, weight)
+            p.flat[j] = old - h
+            down = loss_of(model, x, t, weight)
+            p.flat[j] = old
+            numeric[j] = (up - down) / (2 * h)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"layer {i} of {act}/{out}/{loss}")
+
+
+def test_mse_is_half_mean_sum_of_squares():
+    model, x, t = make("tanh", "identity", "mse")
+    out = model.forward(x)
+    value, _ = model.loss(out, t, 1 / len(x))
+    assert value == pytest.approx(0.5 * ((out - t) ** 2).sum(axis=1).mean(), rel=1e-12)
+
+
+def test_cross_entropy_is_mean_negative_log_likelihood():
+    model, x, t = make("relu", "softmax", "cross_entropy")
+    out = model.forward(x)
+    value, _ = model.loss(out, t, 1 / len(x))
+    expected = -np.log(out[np.arange(len(x)), t.argmax(axis=1)]).mean()
+    assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_parameter_file_round_trip_and_shape_errors(tmp_path):
+    from mpitrain.errors import ConfigError
+    model, x, _ = make("relu", "softmax", "cross_entropy")
+    np.savez(tmp_path / "p.npz", **model.state())
+    other = MLP(5, [7, 6, 3], "relu", "softmax", "cross_entropy", "float64")
+    other.load_file(tmp_path / "p.npz")
+    np.testing.assert_array_equal(other.forward(x), model.forward(x))
+    state = model.state()
+    assert state["layers.0.weight"].shape == (5, 7)  # (fan_in, fan_out), y = x @ W + b
+    state["layers.1.weight"] = state["layers.1.weight"].T
+    np.savez(tmp_path / "bad.npz", **state)
+    with pytest.raises(ConfigError, match=r"layers.1.weight has shape \(6, 7\).*\(7, 6\)"):
+        other.load_file(tmp_path / "bad.npz")
+
+
+def test_float32_model_computes_in_float32():
+    model = MLP(4, [3, 2], "relu", "softmax", "cross_entropy", "float32")
+    model.init("he", 1)
+    out = model.forward(np.ones((2, 4), np.float32))
+    _, dz = model.loss(out, np.eye(2, dtype=np.float32), 0.5)
+    list(model.backward(dz))
+    assert out.dtype == np.float32 and model.grads[0].flat.dtype == np.float32

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import ConfigError, LaunchError, MpitrainError
 
+EXIT_BARRIER_S = 10.0  # how long ranks that failed together wait for each other before exiting
 OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
     "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
@@ -109,6 +110,10 @@ def _exit_on_error(err: MpitrainError, world) -> None:
     sys.stdout.flush()
     if world.size > 1 and not everywhere:
         world.comm.Abort(err.exit_code)
+    if world.size > 1:
+        # The launcher kills the whole job as soon as one rank exits without finalizing:
+        # wait (boundedly: a peer may be dead) until every rank is done writing and printing.
+        world.wait_for_all(timeout=EXIT_BARRIER_S)
     # Skip MPI_Finalize: after a failed collective it may wait for ranks that left.
     os._exit(err.exit_code)
 

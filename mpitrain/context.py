@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -77,6 +78,16 @@ class World:
                     hint="launch with the mpiexec that belongs to mpi4py (or `mpitrain run -n P "
                          "JOB`), or under Slurm with the matching PMI: srun --mpi=pmi2 for the "
                          "MPICH wheel, srun --mpi=pmix for Open MPI")
+
+    def wait_for_all(self, timeout: float) -> bool:
+        """Collective barrier that gives up after ``timeout`` seconds (a rank may be dead)."""
+        request = self.comm.Ibarrier()
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     @contextmanager
     def collective_errors(self) -> Iterator[None]:

@@ -87,9 +87,13 @@ def setup(ctx, cfg) -> Setup:
     """Data, sampler, model and optimizer for this rank.  Local: no communication, so a
     failure on one rank can be agreed on by all (``World.collective_errors``)."""
     out = cfg.out_dir(ctx.slurm.job_id)
-    dataset = data.load(cfg.data, cfg.run.seed)
-    train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
-    _check_fits(cfg, dataset, len(train_idx), ctx.size)
+    try:
+        dataset = data.load(cfg.data, cfg.run.seed)
+        train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
+        _check_fits(cfg, dataset, len(train_idx), ctx.size)
+    except DataError as err:  # name the job file, like config errors do
+        err.message = f"{cfg.path or 'built-in job'}: {err.message}"
+        raise
     sampler = data.ShardSampler(train_idx, cfg.data.batch_size, ctx.rank, ctx.size, cfg.run.seed,
                                 cfg.data.shuffle, cfg.data.tail)
     total = cfg.run.steps or (cfg.run.epochs or 10) * sampler.steps_per_epoch

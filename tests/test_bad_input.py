@@ -1,0 +1,88 @@
+"""Bad input: one clear message naming the source, the key and what is allowed, printed
+once (not once per rank), a non-zero exit, no traceback, no hang."""
+import sys
+
+import numpy as np
+import pytest
+
+from mpirun import mpitrain, run
+
+CASES = [
+    # (job file text, --set overrides, expected message parts)
+    ("[trainer]\nepochs = 1\n", [], ["unknown section [trainer]", "allowed sections: run, data"]),
+    ("[optim]\nlearning_rate = 0.1\n", [], ["unknown key 'learning_rate' in [optim]", "allowed: name, lr"]),
+    ("[data]\nbatch_size = \"32\"\n", [], ["[data] batch_size = \"32\"", "must be an integer"]),
+    ("[data]\nbatch_size = 0\n", [], ["[data] batch_size = 0", "must be >= 1"]),
+    ("[data]\nval_fraction = 1.5\n", [], ["[data] val_fraction = 1.5", "must be < 1.0"]),
+    ("[model]\nactivation = \"gelu\"\n", [], ["[model] activation = \"gelu\"", "'relu', 'sigmoid', 'tanh', 'identity'"]),
+    ("[data]\nsource = \"file\"\npath = \"/nonexistent/data.npz\"\n", [], ["/nonexistent/data.npz", "no such file"]),
+    ("", ["optim.lr=-0.1"], ["--set optim.lr=-0.1", "[optim] lr = -0.1", "must be > 0.0"]),
+    ("", ["sync.algorithm=\"butterfly\""], ["[sync] algorithm = \"butterfly\"", "'native', 'ring'"]),
+    ("[run]\nsteps = 1\n[data]\nsource = \"synthetic\"\nsamples = 3\nval_fraction = 0.0\n"
+     "[model]\nlayers = [4]\n", [], ["4 ranks but only 3 training samples"]),
+    ("[model]\nlayers = [16, 3]\n", [], ["[model] layers ends with 3 outputs", "10 classes"]),
+    ("[faults]\nrules = [{kind = \"explode\"}]\n", [], ["[faults.rules[0]] kind = \"explode\"", "'drop', 'delay'"]),
+    ("this is = not toml [", [], ["not valid TOML"]),
+]
+
+
+def check_one_message(res, parts, job):
+    assert res.returncode != 0, res.output
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("mpitrain: error:")]
+    assert len(errors) == 1, f"expected the message once, got:\n{res.output}"
+    for part in parts:
+        assert part in res.stderr, f"{part!r} missing from:\n{res.stderr}"
+    if job is not None:
+        assert str(job) in errors[0] or "--set" in errors[0] or "ranks" in errors[0]
+
+
+@pytest.mark.parametrize("text,overrides,parts", CASES, ids=[c[2][0][:40] for c in CASES])
+def test_bad_job_is_one_message_on_four_ranks(tmp_path, text, overrides, parts):
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    args = ["run", str(job), "--set", f'run.out="{tmp_path}/out"']
+    for o in overrides:
+        args += ["--set", o]
+    check_one_message(mpitrain(4, args, timeout=60), parts, job)
+
+
+def test_missing_job_file_without_launcher(tmp_path):
+    res = run([sys.executable, "-m", "mpitrain", "run", str(tmp_path / "nope.toml")], timeout=60)
+    check_one_message(res, [f"job file {tmp_path / 'nope.toml'} does not exist"], None)
+
+
+def test_bad_environment_variable(tmp_path):
+    res = run([sys.executable, "-m", "mpitrain", "run", "--set", f'run.out="{tmp_path}"'],
+              timeout=60, env={"MPITRAIN_DATA_BATCH_SIZE": "0"})
+    check_one_message(res, ["environment MPITRAIN_DATA_BATCH_SIZE", "must be >= 1"], None)
+
+
+def test_global_batch_larger_than_data(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text("[data]\nbatch_size = 1000\n")
+    res = mpitrain(2, ["run", str(job), "--set", f'run.out="{tmp_path}/o"'], timeout=60)
+    check_one_message(res, ["global batch (2 ranks x batch_size 1000 = 2000)", "tail = \"weighted\""], None)
+
+
+def test_file_with_wrong_arrays(tmp_path):
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 2)), y=np.zeros(4, int))
+    res = mpitrain(2, ["run", "--set", 'data.source="file"', "--set",
+                       f'data.path="{tmp_path / "d.npz"}"', "--set", f'run.out="{tmp_path}/o"'],
+                   timeout=60)
+    check_one_message(res, ["has no array 'x'", "it has: inputs, y"], None)
+
+
+def test_nan_loss_on_one_rank_aborts_the_job_without_hanging(tmp_path):
+    """A NaN in one rank's shard: that rank names itself, the job ends, nobody hangs."""
+    x = np.ones((64, 3))
+    x[40] = np.nan  # with batch 8 on 2 ranks and no shuffling, rank 1 meets it at step 3
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(64) % 2)
+    res = mpitrain(2, ["run", "--set", 'data.source="file"', "--set",
+                       f'data.path="{tmp_path / "d.npz"}"', "--set", "data.shuffle=false",
+                       "--set", "data.val_fraction=0.0", "--set", "data.batch_size=8",
+                       "--set", "model.layers=[4, 2]", "--set", f'run.out="{tmp_path}/o"'],
+                   timeout=60)
+    assert res.returncode != 0
+    assert "rank 1: the loss is nan at step 3" in res.stderr, res.output
+    assert "Traceback" not in res.output

@@ -1,0 +1,98 @@
+"""Sharding, data files, the default job, and launching (mpitrain run -n, wrong launchers)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from mpirun import mpitrain, run
+from mpitrain import data
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("tail", ["drop", "weighted"])
+def test_shards_partition_each_global_batch_without_duplicates(size, tail):
+    idx = np.arange(103)
+    samplers = [data.ShardSampler(idx, 5, r, size, seed=3, shuffle=True, tail=tail)
+                for r in range(size)]
+    one = data.ShardSampler(idx, 5 * size, 0, 1, seed=3, shuffle=True, tail=tail)
+    assert samplers[0].steps_per_epoch == one.steps_per_epoch
+    for epoch in range(3):
+        seen = []
+        for k in range(one.steps_per_epoch):
+            parts = [s.shard(epoch, k) for s in samplers]
+            whole, n_global = one.shard(epoch, k)
+            # P ranks with batch b see exactly what one process sees with batch P*b
+            assert np.array_equal(np.concatenate([p[0] for p in parts]), whole)
+            assert all(p[1] == n_global == len(whole) for p in parts)
+            seen.extend(whole)
+        assert len(seen) == len(set(seen)), "a sample was used twice in one epoch"
+        expected = 103 if tail == "weighted" else (103 // (5 * size)) * 5 * size
+        assert len(seen) == expected
+
+
+def test_shards_are_a_pure_function_of_seed_epoch_rank_size():
+    idx = np.arange(50)
+    a = data.ShardSampler(idx, 4, 1, 3, seed=9, shuffle=True, tail="drop")
+    b = data.ShardSampler(idx, 4, 1, 3, seed=9, shuffle=True, tail="drop")
+    assert np.array_equal(a.shard(2, 1)[0], b.shard(2, 1)[0])
+    assert not np.array_equal(a.epoch_order(0), a.epoch_order(1)), "epochs must reshuffle"
+    c = data.ShardSampler(idx, 4, 1, 3, seed=10, shuffle=True, tail="drop")
+    assert not np.array_equal(a.epoch_order(0), c.epoch_order(0))
+
+
+def test_uncompressed_npz_is_memory_mapped_and_npy_folders_work(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    y = np.arange(10) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    ds = data.from_file(tmp_path / "d.npz")
+    assert isinstance(ds.x, np.memmap) and ds.classes == 3
+    assert np.array_equal(ds.x[[7, 2]], x[[7, 2]])
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)
+    assert np.array_equal(data.from_file(tmp_path / "c.npz").x, x)
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "x.npy", x)
+    np.save(tmp_path / "folder" / "y.npy", np.eye(3)[y])  # one-hot rows work too
+    ds = data.from_file(tmp_path / "folder")
+    assert isinstance(ds.x, np.memmap) and ds.target_width == 3
+    xb, yb = ds.batch(np.array([0, 4]), np.float64, np)
+    assert np.array_equal(yb, np.eye(3)[y[[0, 4]]])
+
+
+def test_digits_is_the_real_data_set():
+    ds = data.digits()
+    assert ds.x.shape == (1797, 64) and ds.classes == 10
+    assert np.bincount(ds.y).min() >= 170 and 0 <= ds.x.min() and ds.x.max() == 1.0
+
+
+def test_default_job_learns_digits_on_two_ranks(tmp_path):
+    res = mpitrain(2, ["run", "jobs/digits.toml", "--set", f'run.out="{tmp_path}"'], timeout=120)
+    assert res.returncode == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert epochs[-1]["val_accuracy"] >= 0.95, epochs[-1]
+    for r in steps:
+        assert {"step", "epoch", "loss", "time_compute", "time_wait", "time_total"} <= r.keys()
+        assert r["time_compute"] + r["time_wait"] == pytest.approx(r["time_total"])
+    assert (tmp_path / "config.toml").read_text().startswith("# resolved configuration")
+    with np.load(tmp_path / "model.npz") as z:
+        assert z["layers.0.weight"].shape == (64, 128) and z["layers.1.bias"].shape == (10,)
+
+
+def test_run_n_starts_the_launcher_of_mpi4py(tmp_path):
+    res = run([sys.executable, "-m", "mpitrain", "run", "-n", "2", "--set", "run.steps=3",
+               "--set", f'run.out="{tmp_path}"'], timeout=60)
+    assert res.returncode == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["samples"] == 64  # 2 ranks x batch 32: both ranks took part
+
+
+def test_a_foreign_launcher_is_detected(tmp_path):
+    """What a launcher of another MPI looks like from inside: P processes, each of size 1."""
+    res = run([sys.executable, "-m", "mpitrain", "run", "--set", f'run.out="{tmp_path}"'],
+              timeout=60, env={"OMPI_COMM_WORLD_SIZE": "4"})
+    assert res.returncode == 2
+    assert "the launcher started 4 processes (OMPI_COMM_WORLD_SIZE=4) but MPI sees a world of 1" \
+        in res.stderr
+    assert "Traceback" not in res.output

@@ -1,0 +1,98 @@
+"""Checkpoint and resume: an interrupted run, resumed, ends bitwise equal to an uninterrupted one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mpirun import MPIEXEC, child_env, mpitrain
+
+STEPS = 240
+JOB = ["--set", f"run.steps={STEPS}", "--set", "run.checkpoint_every=40",
+       "--set", "model.layers=[1024, 1024, 10]", "--set", "data.batch_size=64",
+       "--set", "run.keep_checkpoints=2"]
+
+
+def start(out, *extra):
+    return subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "mpitrain", "run",
+                             "jobs/digits.toml", *JOB, "--set", f'run.out="{out}"', *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), start_new_session=True)
+
+
+def wait_for_checkpoint(proc, out, step, timeout=60):
+    target = out / "checkpoints" / f"step-{step:08d}.npz"
+    deadline = time.time() + timeout
+    while not target.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint of step {step}: {proc.communicate()}")
+        time.sleep(0.02)
+
+
+def params(out):
+    with np.load(out / "model.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "full"
+    res = mpitrain(2, ["run", "jobs/digits.toml", *JOB, "--set", f'run.out="{out}"'], timeout=180)
+    assert res.returncode == 0, res.output
+    return params(out)
+
+
+def assert_bitwise_equal(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), f"{k} differs after resume"
+
+
+def resume(out):
+    res = mpitrain(2, ["run", "jobs/digits.toml", *JOB, "--set", f'run.out="{out}"', "--resume"],
+                   timeout=180)
+    assert res.returncode == 0, res.output
+    assert "resumed from the checkpoint of step" in res.stderr
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "step"]
+    assert steps == list(range(1, STEPS + 1)), "metrics must hold each step exactly once"
+    return params(out)
+
+
+def test_killed_run_resumes_bitwise(tmp_path, reference):
+    out = tmp_path / "killed"
+    proc = start(out)
+    wait_for_checkpoint(proc, out, 80)
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up, as in a node failure
+    proc.wait()
+    assert not (out / "model.npz").exists()
+    assert_bitwise_equal(resume(out), reference)
+
+
+def test_preempted_run_checkpoints_at_a_step_boundary_and_resumes(tmp_path, reference):
+    out = tmp_path / "preempted"
+    proc = start(out)
+    wait_for_checkpoint(proc, out, 40)
+    os.kill(proc.pid, signal.SIGUSR1)  # mpiexec forwards it to every rank, like Slurm --signal
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    assert stderr.count("mpitrain: error: stopped by a signal at step") == 1, stderr
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    stopped = [e["step"] for e in events if e["event"] == "preempted"]
+    assert stopped and (out / "checkpoints" / f"step-{stopped[0]:08d}.npz").exists()
+    assert_bitwise_equal(resume(out), reference)
+
+
+def test_resume_refuses_a_different_rank_count(tmp_path):
+    out = tmp_path / "ranks"
+    base = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2",
+            "--set", f'run.out="{out}"']
+    assert mpitrain(2, base, timeout=60).returncode == 0
+    res = mpitrain(1, [*base, "--resume"], timeout=60)
+    assert res.returncode == 2
+    assert "written by 2 ranks with batch_size 32; this run has 1 ranks" in res.stderr

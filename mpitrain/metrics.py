@@ -33,6 +33,7 @@ class Metrics:
         self._bar = None
         self._plain = False
         self._metrics = self._events = None
+        self._window = [0, 0.0]  # samples and seconds since the last plain progress line
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -56,18 +57,25 @@ class Metrics:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}",
                                   samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
             self._bar.update(1)
-        elif self._plain and (step % self.log_every == 0 or step == self.total):
-            print(f"step {step}/{self.total}  epoch {record['epoch']}  loss {record['loss']:.4f}"
-                  f"  {record['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)
+        elif self._plain:
+            # throughput over the whole interval since the last line, not one noisy step
+            self._window[0] += record["samples"]
+            self._window[1] += record["time_total"]
+            if step % self.log_every == 0 or step == self.total:
+                rate = self._window[0] / max(self._window[1], 1e-12)
+                self._window = [0, 0.0]
+                print(f"step {step}/{self.total}  epoch {record['epoch']}  "
+                      f"loss {record['loss']:.4f}  {rate:.0f} samples/s", file=sys.stderr,
+                      flush=True)
 
     def epoch(self, record: dict) -> None:
         if not self.active:
             return
         self._metrics.write(json.dumps({"kind": "epoch", **record}) + "\n")
-        val = ("" if record["val_loss"] is None else
-               f"  val_loss {record['val_loss']:.4f}  val_acc {_fmt(record['val_accuracy'])}")
-        line = (f"epoch {record['epoch']}  step {record['step']}  loss {record['loss']:.4f}  "
-                f"acc {_fmt(record['accuracy'])}{val}")
+        line = f"epoch {record['epoch']}  step {record['step']}  loss {record['loss']:.4f}"
+        for key in ("accuracy", "val_loss", "val_accuracy"):
+            if record[key] is not None:
+                line += f"  {key.replace('accuracy', 'acc')} {record[key]:.4f}"
         if self._bar is not None:
             self._bar.write(line, file=sys.stderr)
         elif self._plain:
@@ -92,10 +100,6 @@ class Metrics:
         for fh in (self._metrics, self._events):
             if fh is not None:
                 fh.close()
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -36,6 +36,15 @@ class GradientSync:
         self.step = 0
         self._pending: list[tuple[int, object]] = []
         self._scale = 1.0 / size
+        # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
+        self._host = [_pinned_like(b) for b in buffers] if _on_gpu(buffers) else None
+
+    def _wire(self, layer: int):
+        """The buffer MPI sees for ``layer``: the gradient itself, or its host copy."""
+        if self._host is None:
+            return self.buffers[layer]
+        self.buffers[layer].get(out=self._host[layer])
+        return self._host[layer]
 
     def begin(self, step: int) -> None:
         """Start a step: no layer is outstanding."""
@@ -46,7 +55,7 @@ class GradientSync:
         """Layer ``layer``'s gradients are final; with overlap on, start its allreduce."""
         if not self.overlap:
             return
-        self._pending.append((layer, self.allreducer.start(self.buffers[layer], self.step, layer)))
+        self._pending.append((layer, self.allreducer.start(self._wire(layer), self.step, layer)))
         for _, handle in self._pending:
             self.allreducer.test(handle)
 
@@ -58,13 +67,25 @@ class GradientSync:
                 self.allreducer.wait(handle)
         else:
             for layer in range(len(self.buffers) - 1, -1, -1):
-                self.allreducer.wait(self.allreducer.start(self.buffers[layer], self.step, layer))
+                self.allreducer.wait(self.allreducer.start(self._wire(layer), self.step, layer))
         self._pending.clear()
         waited = time.perf_counter() - t0
+        if self._host is not None:
+            for buf, host in zip(self.buffers, self._host):
+                buf.set(host)
         if self.size > 1:
             for buf in self.buffers:
                 buf *= self._scale
         return waited
+
+
+def _on_gpu(buffers: list) -> bool:
+    return bool(buffers) and hasattr(buffers[0], "__cuda_array_interface__")
+
+
+def _pinned_like(buf) -> np.ndarray:
+    import cupyx
+    return cupyx.empty_pinned(buf.shape, buf.dtype)
 
 
 def layer_digests(arrays: list) -> list[str]:

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="the chapter's worked example, step by step")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.add_argument("--scenario", nargs="?", const=True, default=False, metavar="JOB",
+                         help="one step of the chapter's two-GPU scenario (default job: "
+                              "jobs/chapter/two_gpus.toml)")
     explain.set_defaults(func=cmd_explain)
 
     diagnose = sub.add_parser("diagnose", help="line up the ranks' collective ledgers of a run")
@@ -174,7 +177,7 @@ def launch(args) -> int:
 # --------------------------------------------------------------------------- other commands
 def cmd_explain(args) -> int:
     from .explain import main as explain_main
-    return explain_main(json_output=args.json)
+    return explain_main(json_output=args.json, scenario=args.scenario)
 
 
 def cmd_diagnose(args) -> int:

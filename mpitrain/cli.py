@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 from .errors import ConfigError, LaunchError, MpitrainError
 
-EXIT_BARRIER_S = 10.0  # how long ranks that failed together wait for each other before exiting
+EXIT_WAIT_S = 10.0  # how long ranks that failed together wait for the reporter to finish
 OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
     "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
@@ -59,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = sub.add_parser("diagnose", help="line up the ranks' collective ledgers of a run")
     diagnose.add_argument("run_dir", help="the run's output folder")
     diagnose.set_defaults(func=cmd_diagnose)
+
+    # The rest of the line goes to the benchmark tools unparsed (they have their own --help).
+    bench = sub.add_parser("bench", help="benchmarks: `bench allreduce` (nccl-tests style sweep), "
+                           "`bench train` (steps/s, compute/communication split)",
+                           add_help=False, prefix_chars="\0")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    simulate = sub.add_parser("simulate", help="alpha-beta-gamma cost model of a training step "
+                              "at any scale", add_help=False, prefix_chars="\0")
+    simulate.add_argument("simulate_args", nargs=argparse.REMAINDER)
+    simulate.set_defaults(func=cmd_simulate)
     return parser
 
 
@@ -79,6 +91,10 @@ def cmd_run(args) -> int:
     if args.nprocs is not None:
         return launch(args)
     from . import config, context
+    # Launched with -disable-auto-cleanup, hydra sends SIGUSR1 to the other ranks whenever a
+    # rank exits, also at a normal end.  Training turns SIGUSR1 into "checkpoint and stop"
+    # (preemption); outside training it must not kill the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     env = context.environment()
     world = context.World(env)
     try:
@@ -114,9 +130,7 @@ def _exit_on_error(err: MpitrainError, world) -> None:
     if world.size > 1 and not everywhere:
         world.comm.Abort(err.exit_code)
     if world.size > 1:
-        # The launcher kills the whole job as soon as one rank exits without finalizing:
-        # wait (boundedly: a peer may be dead) until every rank is done writing and printing.
-        world.wait_for_all(timeout=EXIT_BARRIER_S)
+        world.exit_together(err.reporter, timeout=EXIT_WAIT_S)
     # Skip MPI_Finalize: after a failed collective it may wait for ranks that left.
     os._exit(err.exit_code)
 
@@ -161,7 +175,13 @@ def launch(args) -> int:
     if "Open MPI" in MPI.Get_library_version():
         for k, v in OPENMPI_LOCAL_ENV.items():
             env.setdefault(k, v)
-    argv = [str(mpiexec), "-n", str(args.nprocs), sys.executable, "-m", "mpitrain", "run"]
+    argv = [str(mpiexec), "-n", str(args.nprocs)]
+    if "MPICH" in MPI.Get_library_version():
+        # Keep the other ranks alive when one dies, so they can say which one did (hydra's
+        # default kills them all at once, silently).  A rank that fails alone still takes
+        # the job down with MPI_Abort.
+        argv.append("-disable-auto-cleanup")
+    argv += [sys.executable, "-m", "mpitrain", "run"]
     argv += [args.job] if args.job else []
     for o in args.overrides:
         argv += ["--set", o]
@@ -185,3 +205,13 @@ def cmd_diagnose(args) -> int:
     report, code = diagnose(Path(args.run_dir))
     print(report)
     return code
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    return bench.main(args.bench_args)
+
+
+def cmd_simulate(args) -> int:
+    from .simulate import main as simulate_main
+    return simulate_main(args.simulate_args)

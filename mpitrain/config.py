@@ -101,6 +101,7 @@ class SyncConfig:
     algorithm: str = key("native", choices=("native", "ring", "recursive_doubling", "tree"))
     overlap: bool = key(True, doc="start each layer's allreduce during backward")
     check_every: int = key(100, lo=0, doc="steps between replica hash checks (0: start and end)")
+    ledger: bool = key(True, doc="write the per-rank collective ledger (mpitrain diagnose)")
 
 
 FAULT_KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder", "crash", "slow")

@@ -102,6 +102,24 @@ class Metrics:
                 fh.close()
 
 
+class EventLog:
+    """A per-rank JSONL log of transport events (injected faults, losses).
+
+    Line-buffered: a rank killed by an injected crash loses nothing it logged.  Called
+    with one event dict at a time (the transport's ``events`` callback).
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "a", buffering=1)
+
+    def __call__(self, event: dict) -> None:
+        self._fh.write(json.dumps(event) + "\n")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 def _truncate_after(path: Path, step: int) -> None:
     """Drop records of steps after ``step`` (a resumed run redoes them); keep the rest."""
     if not path.exists():

@@ -42,24 +42,27 @@ class Optimizer:
         self.cfg, self.xp, self.params = cfg, xp, params
         self.t = 0
         self.state = {slot: [xp.zeros_like(p) for p in params] for slot in SLOTS[cfg.name]}
-        self._tmp = [xp.empty_like(p) for p in params] if cfg.name == "adam" else None
+        self._tmp = [xp.empty_like(p) for p in params]  # no allocation in the step
 
     def step(self, grads: list, lr: float) -> None:
         """Apply one update; ``grads[i]`` matches ``params[i]`` (flat, averaged)."""
         self.t += 1
         cfg, xp = self.cfg, self.xp
         for i, (p, g) in enumerate(zip(self.params, grads)):
+            tmp = self._tmp[i]
             if cfg.weight_decay:
-                g = g + cfg.weight_decay * p
+                g += cfg.weight_decay * p  # the gradient buffer is ours until the next backward
             if cfg.name == "sgd":
-                p -= lr * g
+                xp.multiply(g, lr, out=tmp)
+                p -= tmp
             elif cfg.name == "momentum":
                 v = self.state["velocity"][i]
                 v *= cfg.momentum
                 v += g
-                p -= lr * v
+                xp.multiply(v, lr, out=tmp)
+                p -= tmp
             else:
-                self._adam(p, g, self.state["m"][i], self.state["v"][i], self._tmp[i], lr)
+                self._adam(p, g, self.state["m"][i], self.state["v"][i], tmp, lr)
 
     def _adam(self, p, g, m, v, tmp, lr: float) -> None:
         cfg, xp = self.cfg, self.xp

@@ -5,11 +5,11 @@ Protocol, on every rank, in the same order (collectives must match across ranks)
     sync.begin(step)
     for i in model.backward(dz):      # last layer first
         sync.layer_ready(i)           # overlap on: starts layer i's allreduce now
-    waited = sync.finish()            # every gradient buffer now holds the MEAN over ranks
+    waited = sync.finish()            # every gradient buffer now holds the global mean
 
-Each rank hands in gradients that are already the mean over *its* samples weighted so that
-the sum over ranks divided by ``size`` is the mean over the global batch (see train.py); the
-allreduce sums, ``finish`` divides by ``size``.  With overlap off, nothing is sent during
+Each rank hands in gradients already weighted by 1/(samples in the global batch) -- its
+share of the mean -- so the SUM the allreduce computes is the mean over the global batch
+and no extra pass over the gradients is needed (see train.py).  With overlap off, nothing is sent during
 backward and ``finish`` reduces the layers one after another (last layer first), which is
 the reference to measure overlap against.
 
@@ -20,31 +20,39 @@ of layer k-1 instead of all of it piling up in ``finish``.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import time
 
 import numpy as np
 
-from .errors import DivergenceError
 
 
 class GradientSync:
-    """Averages a fixed list of flat gradient buffers across ranks, layer by layer."""
+    """Averages a fixed list of flat gradient buffers across ranks, layer by layer.
 
-    def __init__(self, allreducer, buffers: list, size: int, overlap: bool = True):
-        self.allreducer, self.buffers, self.size, self.overlap = allreducer, buffers, size, overlap
+    ``transport`` (own algorithms) and ``sum_check`` (lossy delivery, fault plans) are
+    optional; see :func:`build`.
+    """
+
+    def __init__(self, allreducer, buffers: list, overlap: bool = True,
+                 transport=None, sum_check=None):
+        self.allreducer, self.buffers, self.overlap = allreducer, buffers, overlap
+        self.transport, self.sum_check = transport, sum_check
         self.step = 0
         self._pending: list[tuple[int, object]] = []
-        self._scale = 1.0 / size
         # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
         self._host = [_pinned_like(b) for b in buffers] if _on_gpu(buffers) else None
 
     def _wire(self, layer: int):
         """The buffer MPI sees for ``layer``: the gradient itself, or its host copy."""
         if self._host is None:
-            return self.buffers[layer]
-        self.buffers[layer].get(out=self._host[layer])
-        return self._host[layer]
+            wire = self.buffers[layer]
+        else:
+            wire = self._host[layer]
+            self.buffers[layer].get(out=wire)
+        if self.sum_check is not None:
+            self.sum_check.before(layer, wire)
+        return wire
 
     def begin(self, step: int) -> None:
         """Start a step: no layer is outstanding."""
@@ -60,7 +68,7 @@ class GradientSync:
             self.allreducer.test(handle)
 
     def finish(self) -> float:
-        """Complete every layer's reduction and average; return the seconds spent waiting."""
+        """Complete every layer's reduction (the global mean); return the seconds waited."""
         t0 = time.perf_counter()
         if self.overlap:
             for _, handle in self._pending:
@@ -70,13 +78,65 @@ class GradientSync:
                 self.allreducer.wait(self.allreducer.start(self._wire(layer), self.step, layer))
         self._pending.clear()
         waited = time.perf_counter() - t0
+        if self.sum_check is not None:
+            for layer, wire in enumerate(self._host or self.buffers):
+                self.sum_check.after(layer, wire)
         if self._host is not None:
             for buf, host in zip(self.buffers, self._host):
                 buf.set(host)
-        if self.size > 1:
-            for buf in self.buffers:
-                buf *= self._scale
         return waited
+
+
+    def verify(self, step: int) -> None:
+        """Collective, after ``finish``: the end-to-end checks of this step, if enabled.
+
+        Raises NumericsError if a reduced gradient holds NaN/Inf (naming the layer and the
+        rank it came from), ReductionError / DivergenceError if a contribution was lost.
+        """
+        if self.sum_check is not None:
+            comm = self.transport.comm
+            self.sum_check.verify_finite(comm, step)
+            self.sum_check.verify(comm, step, self.transport.lost)
+
+    def fence(self, step: int) -> None:
+        """Collective: before a native collective that follows own-algorithm traffic, make
+        sure no rank is failing (a rank that is would otherwise leave the others in MPI)."""
+        if self.transport is not None:
+            self.transport.fence(step)
+
+    def close(self) -> dict:
+        """Finish outstanding transport work; return the transport's counters (or {})."""
+        if self.transport is None:
+            return {}
+        self.transport.close()
+        return dict(self.transport.stats)
+
+
+def build(ctx, cfg, out, buffers: list, events) -> GradientSync:
+    """The synchronizer a job asks for: algorithm, transport, fault plan, ledger, checks.
+
+    Collective (the ledger measures clock offsets).  ``events`` receives each injected
+    fault and loss as a dict.  Native MPI allreduce gets no transport unless a fault plan
+    has rank-level faults (crash, slow), which act at the start of a collective.
+    """
+    from .comm.allreduce import make_allreducer
+    from .comm.checks import SumCheck
+    from .comm.faults import FaultInjector, plan_from_config
+    from .comm.ledger import Ledger
+    from .comm.transport import Transport
+
+    f = cfg.faults
+    rules = [dataclasses.asdict(r) for r in f.rules]
+    injector = FaultInjector(plan_from_config(rules, f.seed), ctx.rank, events) if rules else None
+    ledger = Ledger(out, ctx.rank, ctx.size, ctx.comm) if cfg.sync.ledger else None
+    transport = None
+    if cfg.sync.algorithm != "native" or injector is not None:
+        transport = Transport(ctx.comm, delivery=f.delivery, deadline_s=f.deadline_ms / 1e3,
+                              injector=injector, ledger=ledger, events=events)
+    allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, transport, ledger=ledger,
+                                 deadline_s=f.deadline_ms / 1e3)
+    checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
+    return GradientSync(allreducer, buffers, cfg.sync.overlap, transport, checks)
 
 
 def _on_gpu(buffers: list) -> bool:
@@ -88,28 +148,11 @@ def _pinned_like(buf) -> np.ndarray:
     return cupyx.empty_pinned(buf.shape, buf.dtype)
 
 
-def layer_digests(arrays: list) -> list[str]:
-    """A short hash of each layer's parameter bytes (host copy for GPU arrays)."""
-    out = []
-    for a in arrays:
-        host = a.get() if hasattr(a, "get") else np.ascontiguousarray(a)
-        out.append(hashlib.blake2b(host.tobytes(), digest_size=8).hexdigest())
-    return out
+def verify_replicas(comm, params: list, step: int) -> None:
+    """Collective: raise DivergenceError on every rank if the replicas' parameters differ.
 
-
-def verify_replicas(comm, arrays: list, step: int, rank: int) -> None:
-    """Collective: raise DivergenceError on every rank if any replica differs from rank 0's.
-
-    Names every rank that differs and the first layer (from the input side) where it does.
+    ``params`` are the per-layer flat parameter buffers (host or GPU); ``step`` 0 means
+    before the first step.  Names the first differing layer and the ranks that differ.
     """
-    mine = layer_digests(arrays)
-    everyone = comm.allgather(mine)
-    bad = [(r, next(i for i, (a, b) in enumerate(zip(d, everyone[0])) if a != b))
-           for r, d in enumerate(everyone) if d != everyone[0]]
-    if bad:
-        where = "; ".join(f"rank {r} differs from rank 0 first at layer {i}" for r, i in bad)
-        when = "before step 1" if step == 0 else f"after step {step}"
-        raise DivergenceError(f"replicas are not identical {when}: {where}",
-                              hint="replicas must start equal and stay equal: check [model] init "
-                                   "and the fault plan (lossy delivery lets them drift)",
-                              reporter=0)
+    from .comm.checks import check_replicas
+    check_replicas(comm, [[p.get() if hasattr(p, "get") else p] for p in params], step)

@@ -23,10 +23,11 @@ from mpi4py import MPI
 
 from . import checkpoint, data
 from .errors import DataError, MpitrainError, NumericsError
-from .metrics import Metrics
+from .metrics import EventLog, Metrics
 from .model import MLP
 from .optim import Optimizer, learning_rate
 from .sync import GradientSync, verify_replicas
+from .sync import build as build_sync
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume me
 
@@ -70,16 +71,17 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
         if s.start_step:
             metrics.note(f"resumed from the checkpoint of step {s.start_step}")
             metrics.event("resume", s.start_step)
-    verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step, ctx.rank)
-    from .comm.allreduce import make_allreducer
-    allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, None)
-    sync = GradientSync(allreducer, [g.flat for g in s.model.grads], ctx.size, cfg.sync.overlap)
+    verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
+    fault_log = EventLog(s.out / f"faults-rank{ctx.rank}.jsonl")
+    sync = build_sync(ctx, cfg, s.out, [g.flat for g in s.model.grads], fault_log)
     stop = _StopSignal()
     try:
         summary = _loop(ctx, cfg, s, sync, metrics, stop)
+        _report_transport(ctx, sync.close(), metrics, s.total_steps)
     finally:
         stop.restore()
         metrics.close()
+        fault_log.close()
     return summary
 
 
@@ -179,10 +181,10 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         idx, n_global = sampler.shard(epoch, k, order)
         x, y = s.dataset.batch(idx, dtype, xp)
 
-        # Forward and loss.  Each sample is weighted size/n_global: the allreduce sums over
-        # ranks and sync divides by size, leaving the mean over the global batch.
+        # Forward and loss.  Each sample is weighted 1/n_global, so the gradients' SUM over
+        # ranks (what the allreduce computes) is their mean over the global batch.
         out = model.forward(x)
-        loss_sum, dz = model.loss(out, y, ctx.size / n_global)
+        loss_sum, dz = model.loss(out, y, 1.0 / n_global)
         if not np.isfinite(loss_sum):
             raise NumericsError(f"rank {ctx.rank}: the loss is {loss_sum} at step {step}",
                                 hint="lower [optim] lr, or check the data for NaN/Inf")
@@ -198,13 +200,14 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         t_wait = time.perf_counter()
         stats_req.Wait()
         waited += time.perf_counter() - t_wait
+        sync.verify(step)  # end-to-end checks (lossy delivery, fault plans): before the update
 
         lr = learning_rate(cfg.optim, step, s.total_steps)
         s.optim.step([g.flat for g in model.grads], lr)
         total = time.perf_counter() - t_start
 
-        loss = stats[0] / ctx.size
-        epoch_sums += (stats[0] / ctx.size * stats[2], stats[1], stats[2])
+        loss = stats[0]
+        epoch_sums += (loss * stats[2], stats[1], stats[2])
         record = {"step": step, "epoch": epoch, "loss": loss,
                   "accuracy": stats[1] / stats[2] if classify else None, "lr": lr,
                   "samples": int(stats[2]), "time_compute": total - waited, "time_wait": waited,
@@ -212,11 +215,15 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         metrics.step(record)
 
         last = step == s.total_steps
-        if k == spe - 1 or last:
+        epoch_end = k == spe - 1 or last
+        check = cfg.sync.check_every and step % cfg.sync.check_every == 0 and not last
+        if epoch_end or check or last or stats[3] > 0:
+            sync.fence(step)  # native collectives follow: no rank may be failing meanwhile
+        if epoch_end:
             _end_of_epoch(ctx, cfg, s, metrics, step, epoch, epoch_sums, classify)
             epoch_sums[:] = 0
-        if cfg.sync.check_every and step % cfg.sync.check_every == 0 and not last:
-            verify_replicas(ctx.comm, [p.flat for p in model.params], step, ctx.rank)
+        if check:
+            verify_replicas(ctx.comm, [p.flat for p in model.params], step)
         if stats[3] > 0:
             _save_checkpoint(ctx, cfg, s, step)
             metrics.event("preempted", step)
@@ -226,10 +233,26 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         if last or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
             _save_checkpoint(ctx, cfg, s, step)
 
-    verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps, ctx.rank)
+    verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps)
     if ctx.is_root:
         checkpoint.write_npz(s.out / "model.npz", model.state())
     return {"steps": s.total_steps, "out": str(s.out), **record}
+
+
+def _report_transport(ctx, stats: dict, metrics: Metrics, step: int) -> None:
+    """Collective: sum the transport counters over ranks; rank 0 reports what faults cost."""
+    if not stats:
+        return
+    keys = sorted(stats)
+    totals = ctx.comm.allreduce(np.array([stats[k] for k in keys], dtype=np.float64), op=MPI.SUM)
+    total = dict(zip(keys, totals.tolist()))
+    metrics.event("transport", step, **total)
+    if total["retransmissions"] or total["lost"] or total["corrupt_detected"]:
+        metrics.note(f"transport: {int(total['sent'])} messages, "
+                     f"{int(total['retransmissions'])} retransmitted "
+                     f"({total['recovery_s']:.3f} s recovering), {int(total['lost'])} lost, "
+                     f"{int(total['corrupt_detected'])} corrupt detected, "
+                     f"{int(total['stale_discarded'])} duplicates/stale discarded")
 
 
 def _end_of_epoch(ctx, cfg, s: Setup, metrics: Metrics, step: int, epoch: int,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import ConfigError, LaunchError, MpitrainError
 
-EXIT_WAIT_S = 10.0  # how long ranks that failed together wait for the reporter to finish
+EXIT_WAIT_S = 3.0  # how long ranks that failed together wait for each other before exiting
 OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
     "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
@@ -130,8 +130,10 @@ def _exit_on_error(err: MpitrainError, world) -> None:
     if world.size > 1 and not everywhere:
         world.comm.Abort(err.exit_code)
     if world.size > 1:
-        world.exit_together(err.reporter, timeout=EXIT_WAIT_S)
-    # Skip MPI_Finalize: after a failed collective it may wait for ranks that left.
+        # Leave together: the launcher kills the remaining ranks as soon as one exits with
+        # an error ("BAD TERMINATION"), so the ranks meet first (boundedly: one may be
+        # dead) and then all exit at once.  No MPI_Finalize: it could wait for a dead rank.
+        world.all_present(timeout=EXIT_WAIT_S)
     os._exit(err.exit_code)
 
 

@@ -29,9 +29,6 @@ LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCA
                       "SLURM_STEP_NUM_TASKS", "PMI_NUM_RANKS")
 
 
-EXIT_TAG = 32001  # on COMM_WORLD, used only while exiting after an error (World.exit_together)
-
-
 def environment() -> dict[str, str]:
     """A snapshot of the process environment, the only one mpitrain takes."""
     return dict(os.environ)
@@ -82,27 +79,19 @@ class World:
                          "JOB`), or under Slurm with the matching PMI: srun --mpi=pmi2 for the "
                          "MPICH wheel, srun --mpi=pmix for Open MPI")
 
-    def exit_together(self, reporter: int, timeout: float) -> None:
-        """Before ranks that failed together exit: let rank ``reporter`` finish first.
+    def all_present(self, timeout: float) -> bool:
+        """Collective barrier that gives up after ``timeout`` seconds: are all ranks alive?
 
-        A launcher kills the whole job as soon as one rank exits without finalizing, which
-        could cut off the reporter's message or checkpoint.  The reporter tells every rank
-        when it is done; the others wait for that (at most ``timeout`` seconds).  Dead
-        ranks are never waited for, so this cannot hang.
+        Used on the way out after an error that every rank raised: a dead rank must not
+        make the others wait forever.
         """
-        if self.rank == reporter:
-            requests = [self.comm.Isend(b"", dest=r, tag=EXIT_TAG)
-                        for r in range(self.size) if r != reporter]
-            self._wait(lambda: all(q.Test() for q in requests), timeout)
-        else:
-            request = self.comm.Irecv(bytearray(1), source=reporter, tag=EXIT_TAG)
-            self._wait(request.Test, timeout)
-
-    @staticmethod
-    def _wait(done, timeout: float) -> None:
+        request = self.comm.Ibarrier()
         deadline = time.monotonic() + timeout
-        while not done() and time.monotonic() < deadline:
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.001)
+        return True
 
     @contextmanager
     def collective_errors(self) -> Iterator[None]:

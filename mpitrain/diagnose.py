@@ -80,12 +80,21 @@ def first_disagreement(by_rank: dict[int, dict[int, dict]], size: int) -> str | 
     return None
 
 
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
     """Per collective, who arrived last and how long the others waited for it."""
     common = set.intersection(*(set(c) for c in by_rank.values())) if by_rank else set()
     last_count: Counter = Counter()
     late_s: Counter = Counter()
-    wait_total = 0.0
+    waits: dict[tuple[int, int], list[tuple[float, float]]] = {}
     blame: Counter = Counter()  # seconds ranks spent blocked on messages from each peer
     steps: dict[int, list[float]] = {}
     n = 0
@@ -103,16 +112,25 @@ def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
         arrivals = {r: x["t_enter"] for r, x in recs.items()}
         slow = max(arrivals, key=arrivals.get)
         t_last = arrivals[slow]
-        others = [t_last - t for r, t in arrivals.items() if r != slow]
         last_count[slow] += 1
         late_s[slow] += t_last - min(arrivals.values())
-        wait_total += sum(others) / max(len(others), 1)
+        step = next(iter(recs.values()))["step"]
+        for r, t in arrivals.items():  # rank r waits from its arrival until the last one's
+            if r != slow:
+                waits.setdefault((step, r), []).append((t, t_last))
         span = steps.setdefault(next(iter(recs.values()))["step"], [float("inf"), float("-inf")])
         span[0] = min(span[0], min(arrivals.values()))
         span[1] = max(span[1], max(x["t_leave"] for x in recs.values()))
     if not n or size < 2:
         return []
-    step_time = sum(b - a for a, b in steps.values())
+    # Waits for overlapping collectives (non-blocking native allreduces) overlap in time:
+    # count each rank's waiting time once, as the union of its intervals, per step.
+    per_rank: Counter = Counter()
+    for (step, r), intervals in waits.items():
+        per_rank[r] += _union_length(intervals)
+    wait_total = sum(per_rank.values()) / max(len(per_rank), 1)
+    # wall time from the first arrival to the last departure: whole steps, compute included
+    step_time = max(b for _, b in steps.values()) - min(a for a, _ in steps.values())
     rank, times = last_count.most_common(1)[0]
     frac = wait_total / step_time if step_time > 0 else 0.0
     lines = [f"arrival order over {n} collectives: "

@@ -95,6 +95,9 @@ class GradientSync:
         """
         if self.sum_check is not None:
             comm = self.transport.comm
+            # The checks use native collectives: a rank that failed in the transport must
+            # be heard of first, or the others would wait for it inside MPI forever.
+            self.transport.fence(step)
             self.sum_check.verify_finite(comm, step)
             self.sum_check.verify(comm, step, self.transport.lost)
 

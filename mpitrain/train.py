@@ -13,6 +13,7 @@ checks.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ import numpy as np
 from mpi4py import MPI
 
 from . import checkpoint, data
-from .errors import DataError, MpitrainError, NumericsError
+from .comm.allreduce import wait_native
+from .comm.checks import ReductionError
+from .errors import ConfigError, DataError, DivergenceError, MpitrainError, NumericsError
 from .metrics import EventLog, Metrics
 from .model import MLP
 from .optim import Optimizer, learning_rate
@@ -105,6 +108,7 @@ def setup(ctx, cfg) -> Setup:
         model.init(m.init, cfg.run.seed)
     else:
         model.load_file(m.init)
+    _check_fault_rules(cfg, ctx.size, model.n_layers)
     optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
     return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
 
@@ -127,6 +131,43 @@ def _check_fits(cfg, dataset: data.Dataset, n_train: int, size: int) -> None:
                         f"tail = \"drop\" leaves no step",
                         hint="lower [data] batch_size, use fewer ranks, or set "
                              "[data] tail = \"weighted\"")
+
+
+ALGORITHM_PHASES = {"ring": ("reduce_scatter", "allgather"), "recursive_doubling": ("exchange",),
+                    "tree": ("reduce", "broadcast")}
+
+
+def _check_fault_rules(cfg, size: int, n_layers: int) -> None:
+    """Fault rules must be able to hit something in this job; say why not if they can't."""
+    import dataclasses
+    from .comm.faults import MESSAGE_KINDS, plan_from_config
+    where = f"{cfg.path or 'built-in job'}: [[faults.rules]]"
+    try:
+        plan_from_config([dataclasses.asdict(r) for r in cfg.faults.rules], cfg.faults.seed)
+    except ConfigError as err:
+        err.message = f"{where}: {err.message}"
+        raise
+    alg = cfg.sync.algorithm
+    for i, rule in enumerate(cfg.faults.rules):
+        label = f"{where} rule {i} (kind = \"{rule.kind}\")"
+        for key in ("src", "dst", "rank"):
+            value = getattr(rule, key)
+            if value is not None and value >= size:
+                raise ConfigError(f"{label}: {key} = {value}, but the job has {size} ranks "
+                                  f"(0..{size - 1})")
+        if rule.layer is not None and rule.layer >= n_layers:
+            raise ConfigError(f"{label}: layer = {rule.layer}, but the model has {n_layers} "
+                              f"layers (0..{n_layers - 1}, from the input side)")
+        if rule.kind in MESSAGE_KINDS and alg == "native":
+            raise ConfigError(f"{label}: message faults act on the harness's own allreduce "
+                              f"algorithms; [sync] algorithm = \"native\" is MPI's allreduce, "
+                              f"which cannot be intercepted message by message",
+                              hint="set [sync] algorithm = \"ring\", \"recursive_doubling\" "
+                                   "or \"tree\"")
+        if rule.phase is not None and alg != "native" and rule.phase not in ALGORITHM_PHASES[alg]:
+            raise ConfigError(f"{label}: phase = \"{rule.phase}\" never occurs in the {alg} "
+                              f"allreduce; its phases are "
+                              f"{', '.join(ALGORITHM_PHASES[alg])}")
 
 
 def _restore(ctx, out: Path, model: MLP, optim: Optimizer, sampler: data.ShardSampler) -> int:
@@ -198,9 +239,10 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
             sync.layer_ready(layer)
         waited = sync.finish()
         t_wait = time.perf_counter()
-        stats_req.Wait()
+        wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}")
         waited += time.perf_counter() - t_wait
-        sync.verify(step)  # end-to-end checks (lossy delivery, fault plans): before the update
+        # end-to-end checks (lossy delivery, fault plans), before the update
+        _checked(cfg, metrics, step, lambda: sync.verify(step))
 
         lr = learning_rate(cfg.optim, step, s.total_steps)
         s.optim.step([g.flat for g in model.grads], lr)
@@ -223,7 +265,8 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
             _end_of_epoch(ctx, cfg, s, metrics, step, epoch, epoch_sums, classify)
             epoch_sums[:] = 0
         if check:
-            verify_replicas(ctx.comm, [p.flat for p in model.params], step)
+            _checked(cfg, metrics, step,
+                     lambda: verify_replicas(ctx.comm, [p.flat for p in model.params], step))
         if stats[3] > 0:
             _save_checkpoint(ctx, cfg, s, step)
             metrics.event("preempted", step)
@@ -233,10 +276,26 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         if last or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
             _save_checkpoint(ctx, cfg, s, step)
 
-    verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps)
+    _checked(cfg, metrics, s.total_steps,
+             lambda: verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps))
     if ctx.is_root:
         checkpoint.write_npz(s.out / "model.npz", model.state())
     return {"steps": s.total_steps, "out": str(s.out), **record}
+
+
+def _checked(cfg, metrics: Metrics, step: int, check) -> None:
+    """Run a collective consistency check; with on_divergence = "warn", report and go on.
+
+    The checks raise on every rank together, so every rank takes the same branch.  NaNs
+    are never waved through: they would poison every replica at the next update.
+    """
+    try:
+        check()
+    except (DivergenceError, ReductionError) as err:
+        if cfg.faults.on_divergence != "warn":
+            raise
+        metrics.event("divergence", step, message=err.message)
+        metrics.note(f"mpitrain: warning: {err.message}")
 
 
 def _report_transport(ctx, stats: dict, metrics: Metrics, step: int) -> None:
@@ -303,6 +362,9 @@ class _StopSignal:
                 pass
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # asked twice: the step boundary is not coming, stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.requested = 1
 
     def restore(self) -> None:

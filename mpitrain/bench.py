@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import ConfigError, LaunchError, MpitrainError
+from .errors import ConfigError, MpitrainError
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
@@ -52,26 +52,8 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- launching
 def relaunch(nprocs: int, sub: str, argv: list[str]) -> int:
     """Re-run ``mpitrain bench SUB ARGV`` under ``mpiexec -n NPROCS`` (mpi4py's own launcher)."""
-    if nprocs < 1:
-        raise ConfigError(f"-n {nprocs}: the number of ranks must be >= 1")
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        raise LaunchError(f"no mpiexec next to {sys.executable}",
-                          hint="install MPI from PyPI into this environment (pip install mpich), "
-                               "or launch with mpiexec/srun yourself")
-    import mpi4py
-    mpi4py.rc.initialize = False  # only ask which library; do not start MPI in the launcher
-    from mpi4py import MPI
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    if "Open MPI" in MPI.Get_library_version():
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
-    args = [str(mpiexec), "-n", str(nprocs), sys.executable, "-m", "mpitrain.bench", sub, *argv]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(args[0], args, env)
+    from .cli import exec_under_mpiexec
+    exec_under_mpiexec(nprocs, ["-m", "mpitrain.bench", sub, *argv])
     return 0  # not reached
 
 

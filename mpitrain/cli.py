@@ -114,6 +114,7 @@ def cmd_run(args) -> int:
     except Exception:  # a bug: show where, and take the job down rather than hang it
         traceback.print_exc()
         sys.stderr.flush()
+        world.release_shared_memory()
         world.comm.Abort(1)
     if world.rank == 0:
         _print_summary(summary)
@@ -127,6 +128,7 @@ def _exit_on_error(err: MpitrainError, world) -> None:
     if not everywhere or err.reporter == world.rank:
         print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    world.release_shared_memory()  # no MPI_Finalize on this path: it would not clean up
     if world.size > 1 and not everywhere:
         world.comm.Abort(err.exit_code)
     if world.size > 1:
@@ -162,8 +164,29 @@ def parse_fault(text: str) -> dict:
 
 def launch(args) -> int:
     """Re-run this command under ``mpiexec -n P`` from mpi4py's own MPI installation."""
-    if args.nprocs < 1:
-        raise ConfigError(f"-n {args.nprocs}: the number of ranks must be >= 1")
+    argv = ["-m", "mpitrain", "run", *([args.job] if args.job else [])]
+    for o in args.overrides:
+        argv += ["--set", o]
+    for f in args.faults:
+        argv += ["--fault", f]
+    argv += ["--resume"] if args.resume else []
+    # Keep the other ranks alive when one dies, so they can say which one did (hydra's
+    # default kills them all at once, silently).  A rank that fails alone still takes the
+    # job down with MPI_Abort.
+    exec_under_mpiexec(args.nprocs, argv, keep_survivors=True)
+    return 0  # not reached
+
+
+def exec_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool = False):
+    """Replace this process with ``mpiexec -n NPROCS python PYTHON_ARGS``.
+
+    Uses the mpiexec that belongs to mpi4py's MPI (another MPI's launcher silently starts
+    NPROCS separate rank-0 jobs), with what a local run needs: one BLAS thread per rank, and
+    for Open MPI the settings for root and oversubscription.  ``keep_survivors`` passes
+    MPICH's -disable-auto-cleanup (the ranks must then ignore SIGUSR1 outside training).
+    """
+    if nprocs < 1:
+        raise ConfigError(f"-n {nprocs}: the number of ranks must be >= 1")
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         raise LaunchError(f"no mpiexec next to {sys.executable}",
@@ -172,28 +195,19 @@ def launch(args) -> int:
     import mpi4py
     mpi4py.rc.initialize = False  # only ask which library; do not start MPI in the launcher
     from mpi4py import MPI
+    library = MPI.Get_library_version()
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    if "Open MPI" in MPI.Get_library_version():
+    if "Open MPI" in library:
         for k, v in OPENMPI_LOCAL_ENV.items():
             env.setdefault(k, v)
-    argv = [str(mpiexec), "-n", str(args.nprocs)]
-    if "MPICH" in MPI.Get_library_version():
-        # Keep the other ranks alive when one dies, so they can say which one did (hydra's
-        # default kills them all at once, silently).  A rank that fails alone still takes
-        # the job down with MPI_Abort.
+    argv = [str(mpiexec), "-n", str(nprocs)]
+    if keep_survivors and "MPICH" in library:
         argv.append("-disable-auto-cleanup")
-    argv += [sys.executable, "-m", "mpitrain", "run"]
-    argv += [args.job] if args.job else []
-    for o in args.overrides:
-        argv += ["--set", o]
-    for f in args.faults:
-        argv += ["--fault", f]
-    argv += ["--resume"] if args.resume else []
+    argv += [sys.executable, *python_args]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
-    return 0  # not reached
 
 
 # --------------------------------------------------------------------------- other commands

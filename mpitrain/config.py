@@ -117,7 +117,7 @@ class FaultRuleConfig:
     dst: int | None = key(None, lo=0)
     phase: str | None = key(None, choices=FAULT_PHASES)
     chunk: int | None = key(None, lo=0)
-    probability: float = key(1.0, lo=0.0, hi=1.0, lo_open=True)
+    probability: float = key(1.0, lo=0.0, hi=1.0, doc="chance per matching message")
     count: int | None = key(None, lo=1)
     delay_ms: float = key(0.0, lo=0.0)
     corrupt: str = key("bitflip", choices=("bitflip", "nan"))

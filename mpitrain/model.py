@@ -197,7 +197,6 @@ class MLP:
 
     def predict_stats(self, out, target) -> tuple[int, int]:
         """(correct predictions, samples) for classification targets."""
-        xp = self.xp
         return int((out.argmax(axis=1) == target.argmax(axis=1)).sum()), int(out.shape[0])
 
 

@@ -186,3 +186,25 @@ def test_a_crashed_rank_is_named_and_the_run_resumes(tmp_path, nprocs):
     clean = run([*base[:-1], f'run.out="{tmp_path}/clean"', "--set", "faults.rules=[]"], timeout=60)
     assert clean.returncode == 0
     assert_bitwise(params(tmp_path / "run"), params(tmp_path / "clean"))
+
+
+def test_the_chapter_scenario_with_one_lost_message_in_each_delivery_mode(tmp_path):
+    """Strict turns the lost message into an error, lossy into a named wrong average,
+    reliable into a retransmission with the fault-free result."""
+    def chapter(mode, out, *extra):
+        return run([sys.executable, "-m", "mpitrain", "run", "-n", "2",
+                    "jobs/chapter/two_gpus.toml", "--set", "sync.algorithm=ring",
+                    "--set", f"faults.delivery={mode}", "--set", "faults.deadline_ms=2000",
+                    "--set", f'run.out="{tmp_path / out}"', *extra], timeout=60)
+    lost = ["--fault", "kind=drop,step=5,layer=1,src=1,count=1"]
+    strict = chapter("strict", "strict", *lost)
+    assert strict.returncode == 3
+    assert "step 5, layer 1: rank 0 received nothing from rank 1" in one_error(strict)
+    lossy = chapter("lossy", "lossy", *lost)
+    assert lossy.returncode == 3
+    assert "a contribution was lost during the reduction" in one_error(lossy)
+    reliable = chapter("reliable", "reliable", *lost)
+    assert reliable.returncode == 0 and "2 retransmitted" in reliable.stderr
+    clean = chapter("reliable", "clean")
+    assert clean.returncode == 0
+    assert_bitwise(params(tmp_path / "reliable"), params(tmp_path / "clean"))

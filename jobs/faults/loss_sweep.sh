@@ -8,14 +8,16 @@ rates=${*:-0 0.001 0.01 0.05 0.1}
 printf '%-8s %10s %16s %14s %10s\n' rate messages retransmitted recovery_s wall_s
 for rate in $rates; do
   out="runs/loss_sweep/rate-$rate"
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
+  mkdir -p "$out"
   mpitrain run -n "$ranks" jobs/faults/reliable.toml --set run.out="\"$out\"" \
-    --set "faults.rules=[{kind=\"drop\", probability=$rate}]" --set 'run.progress="off"' 2>/dev/null
-  wall=$(echo "$(date +%s.%N) - $start" | bc)
+    --set "faults.rules=[{kind=\"drop\", probability=$rate}]" --set 'run.progress="off"' \
+    2> "$out/stderr.log" || { cat "$out/stderr.log" >&2; exit 1; }
+  wall=$(( ($(date +%s%N) - start) / 1000000 ))   # milliseconds
   python3 - "$out" "$rate" "$wall" <<'PY'
 import json, sys
 out, rate, wall = sys.argv[1:]
 t = [json.loads(l) for l in open(f"{out}/events.jsonl") if '"transport"' in l][-1]
-print(f"{rate:<8} {int(t['sent']):>10} {int(t['retransmissions']):>16} {t['recovery_s']:>14.3f} {float(wall):>10.2f}")
+print(f"{rate:<8} {int(t['sent']):>10} {int(t['retransmissions']):>16} {t['recovery_s']:>14.3f} {int(wall) / 1000:>10.2f}")
 PY
 done

@@ -140,7 +140,10 @@ def _exit_on_error(err: MpitrainError, world) -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    parts = [f"{summary['steps']} steps", f"loss {summary.get('loss', float('nan')):.4f}"]
+    parts = [f"{summary['steps']} steps"]
+    for key in ("loss", "val_loss", "val_accuracy"):
+        if summary.get(key) is not None:
+            parts.append(f"{key} {summary[key]:.4f}")
     print(f"mpitrain: done: {', '.join(parts)}; outputs in {summary['out']}", file=sys.stderr)
 
 
@@ -164,8 +167,16 @@ def parse_fault(text: str) -> dict:
 
 def launch(args) -> int:
     """Re-run this command under ``mpiexec -n P`` from mpi4py's own MPI installation."""
+    from . import config, context
+    overrides = list(args.overrides)
+    # Check the job before starting any rank, and keep the progress bar: under mpiexec the
+    # ranks write into pipes, so they cannot see that the user is at a terminal.
+    cfg = config.load(args.job, overrides, context.environment(),
+                      extra_rules=[parse_fault(f) for f in args.faults])
+    if cfg.run.progress == "auto" and sys.stderr.isatty():
+        overrides.append('run.progress="bar"')
     argv = ["-m", "mpitrain", "run", *([args.job] if args.job else [])]
-    for o in args.overrides:
+    for o in overrides:
         argv += ["--set", o]
     for f in args.faults:
         argv += ["--fault", f]

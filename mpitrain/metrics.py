@@ -34,6 +34,7 @@ class Metrics:
         self._plain = False
         self._metrics = self._events = None
         self._window = [0, 0.0]  # samples and seconds since the last plain progress line
+        self._rate = None        # moving average of samples/s for the progress bar
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -54,8 +55,11 @@ class Metrics:
         self._metrics.write(json.dumps({"kind": "step", **record}) + "\n")
         step = record["step"]
         if self._bar is not None:
+            # one step's rate is noise; show a moving average
+            self._rate = record["samples_per_s"] if self._rate is None else \
+                0.9 * self._rate + 0.1 * record["samples_per_s"]
             self._bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                  samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
+                                  samples_s=f"{self._rate:.0f}", refresh=False)
             self._bar.update(1)
         elif self._plain:
             # throughput over the whole interval since the last line, not one noisy step

@@ -211,7 +211,7 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
     stats = np.zeros(4)           # [weighted loss sum, correct, samples, stop flag]
     epoch_sums = np.zeros(3)      # loss, correct, samples over the epoch so far
     order, order_epoch = None, -1
-    record = {}
+    record, last_epoch = {}, {}
     for step in range(s.start_step + 1, s.total_steps + 1):
         t_start = time.perf_counter()
         epoch, k = divmod(step - 1, spe)
@@ -262,7 +262,7 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         if epoch_end or check or last or stats[3] > 0:
             sync.fence(step)  # native collectives follow: no rank may be failing meanwhile
         if epoch_end:
-            _end_of_epoch(ctx, cfg, s, metrics, step, epoch, epoch_sums, classify)
+            last_epoch = _end_of_epoch(ctx, cfg, s, metrics, step, epoch, epoch_sums, classify)
             epoch_sums[:] = 0
         if check:
             _checked(cfg, metrics, step,
@@ -280,7 +280,8 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
              lambda: verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps))
     if ctx.is_root:
         checkpoint.write_npz(s.out / "model.npz", model.state())
-    return {"steps": s.total_steps, "out": str(s.out), **record}
+    return {"steps": s.total_steps, "out": str(s.out), "loss": record.get("loss"),
+            "val_loss": last_epoch.get("val_loss"), "val_accuracy": last_epoch.get("val_accuracy")}
 
 
 def _checked(cfg, metrics: Metrics, step: int, check) -> None:
@@ -315,15 +316,17 @@ def _report_transport(ctx, stats: dict, metrics: Metrics, step: int) -> None:
 
 
 def _end_of_epoch(ctx, cfg, s: Setup, metrics: Metrics, step: int, epoch: int,
-                  sums: np.ndarray, classify: bool) -> None:
+                  sums: np.ndarray, classify: bool) -> dict:
     val_loss = val_acc = None
     if len(s.val_idx):
         val_loss, val_acc = evaluate(ctx, s.model, s.dataset, s.val_idx)
         val_acc = val_acc if classify else None
     n = max(sums[2], 1)
-    metrics.epoch({"step": step, "epoch": epoch, "loss": sums[0] / n,
-                   "accuracy": sums[1] / n if classify else None,
-                   "val_loss": val_loss, "val_accuracy": val_acc})
+    record = {"step": step, "epoch": epoch, "loss": sums[0] / n,
+              "accuracy": sums[1] / n if classify else None,
+              "val_loss": val_loss, "val_accuracy": val_acc}
+    metrics.epoch(record)
+    return record
 
 
 def evaluate(ctx, model: MLP, dataset: data.Dataset, idx: np.ndarray,

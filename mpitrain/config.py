@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 ENV_PREFIX = "MPITRAIN_"
+DEFAULT_EPOCHS = 10
 
 
 # --------------------------------------------------------------------------- declarations
@@ -41,7 +42,8 @@ def key(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = key(0, lo=0, doc="seed of the whole run: init, shuffling, synthetic data")
-    epochs: int | None = key(None, lo=1, doc="passes over the training split")
+    epochs: int | None = key(None, lo=1, doc=f"passes over the training split "
+                                             f"({DEFAULT_EPOCHS} when neither this nor steps is set)")
     steps: int | None = key(None, lo=1, doc="global steps; wins over epochs when both are set")
     out: str = key("runs/{job}", doc="output folder; {job} = job file stem, "
                                      "{slurm_job_id} = Slurm job id or 'local'")
@@ -151,6 +153,11 @@ class JobConfig:
     faults: FaultsConfig
     name: str = "default"
     path: str | None = None
+
+    @property
+    def epochs(self) -> int | None:
+        """Epochs to train when ``[run] steps`` is not given."""
+        return None if self.run.steps else (self.run.epochs or DEFAULT_EPOCHS)
 
     def out_dir(self, slurm_job_id: str | None = None) -> Path:
         return Path(self.run.out.format(job=self.name, slurm_job_id=slurm_job_id or "local"))

@@ -353,8 +353,9 @@ def two_gpu_step(job: str | Path = DEFAULT_JOB) -> dict:
     Each replica gets the shard ``mpitrain run -n 2`` gives that rank at step 1 and the same
     initial parameters; each runs forward, loss and backward, and the gradients each would
     hand to the allreduce are recorded per layer in the order backward yields them (last
-    layer first).  The average is computed as the harness does (sum, then divide by the
-    number of ranks) and checked against one replica run on the whole global batch.
+    layer first).  Each rank weights its samples by 1/(global batch), as train.py does, so
+    what it sends is its share of the mean and the allreduce's SUM is the average over the
+    global batch; that is checked against one replica run on the whole global batch.
     """
     cfg = config.load(job)
     size = len(RANK_NAMES)
@@ -370,13 +371,13 @@ def two_gpu_step(job: str | Path = DEFAULT_JOB) -> dict:
             raise DataError(f"{job}: the first global batch leaves a rank without samples",
                             hint="use more samples or a smaller [data] batch_size")
         x, y = dataset.batch(idx, model.dtype, np)
-        grads, loss, order = _local_step(model, x, y, size / n_global)
+        grads, loss, order = _local_step(model, x, y, 1.0 / n_global)
         sends.append(grads)
-        losses.append(loss / size)
+        losses.append(loss)
         shards.append(idx)
 
-    # What sync.finish leaves in every buffer: the allreduce sum, divided by the rank count.
-    average = {i: (sends[0][i] + sends[1][i]) * (1.0 / size) for i in order}
+    # What sync.finish leaves in every buffer: the allreduce's sum of the ranks' shares.
+    average = {i: sends[0][i] + sends[1][i] for i in order}
     reference = _global_batch_gradients(dataset, np.concatenate(shards), replicas[0])
     layers = [_layer_report(replicas[0], i, [s[i] for s in sends], average[i]) for i in order]
     return {
@@ -390,7 +391,7 @@ def two_gpu_step(job: str | Path = DEFAULT_JOB) -> dict:
         "max_abs_diff_vs_global_batch": max(float(np.abs(average[i] - reference[i]).max())
                                             for i in order),
         "backward_needs_only_local_error_terms": _backward_is_local(
-            replicas[0], sends[0], dataset, shards[0], size / n_global),
+            replicas[0], sends[0], dataset, shards[0], 1.0 / n_global),
         "params_after_step": _apply(cfg, replicas[0], average, samplers[0]),
     }
 
@@ -409,8 +410,8 @@ def _replica(cfg, dataset: data.Dataset) -> MLP:
 def _local_step(model: MLP, x, y, weight: float) -> tuple[dict, float, list[int]]:
     """Forward, loss and backward on one rank's shard.
 
-    Each sample is weighted size/n_global, as in train.py, so the sum over ranks divided by
-    the rank count is the mean over the global batch.  Returns {layer: flat gradients as
+    Each sample is weighted 1/n_global, as in train.py, so the sum over ranks is the mean
+    over the global batch.  Returns {layer: flat gradients as
     handed to the allreduce}, the weighted loss sum, and the order the layers came in.
     """
     loss, dz = model.loss(model.forward(x), y, weight)
@@ -490,7 +491,10 @@ def format_scenario(s: dict) -> str:
         f"{s['local_loss'][0]:.6f}, GPU-B's {s['local_loss'][1]:.6f})",
         "",
         "Backward pass, layer by layer as it produces them (last layer first); each layer's",
-        "gradients go into one allreduce as soon as they exist:",
+        "gradients go into one allreduce as soon as they exist.  Each GPU weights its samples",
+        f"by 1/{s['global_batch']} (the global batch), so it sends its share of the mean and the",
+        "allreduce's sum is the average over the global batch -- the chapter's average of the",
+        "two GPUs' gradients, without a separate division:",
     ]
     for l in s["layers"]:
         fi, fo = l["weight_shape"]
@@ -499,7 +503,7 @@ def format_scenario(s: dict) -> str:
                  f"gradients = {l['bytes']['float32']} B as float32, "
                  f"{l['bytes']['float64']} B as float64, per rank")
         for who, g in [*l["sent"].items(), ("average", l["average"])]:
-            label = f"{who} sends" if who != "average" else "average (sum / 2)"
+            label = f"{who} sends" if who != "average" else "sum = average"
             if fo == 1:  # one output neuron: its weight column reads better as a row
                 L.append(f"  {label:<18} dW^T = {_fmt_row(w[0] for w in g['weight'])}")
                 L.append(f"  {'':<18} db   = {_fmt_row(g['bias'])}")

@@ -2,7 +2,7 @@
 
 ``metrics.jsonl`` has one JSON object a line:
 
-* ``{"kind": "step", "step", "epoch", "loss", "accuracy", "lr", "samples",
+* ``{"kind": "step", "step", "epoch", "loss", "accuracy", "correct", "lr", "samples",
   "time_compute", "time_wait", "time_total", "samples_per_s"}`` -- every step; ``loss`` is
   the mean over the global batch, times are rank 0's seconds: computing, waiting for
   gradient communication, and the whole step;

@@ -101,7 +101,7 @@ def setup(ctx, cfg) -> Setup:
         raise
     sampler = data.ShardSampler(train_idx, cfg.data.batch_size, ctx.rank, ctx.size, cfg.run.seed,
                                 cfg.data.shuffle, cfg.data.tail)
-    total = cfg.run.steps or (cfg.run.epochs or 10) * sampler.steps_per_epoch
+    total = cfg.run.steps or cfg.epochs * sampler.steps_per_epoch
     m = cfg.model
     model = MLP(dataset.features, m.layers, m.activation, m.output, m.loss, m.dtype, ctx.xp)
     if m.init in ("auto", "he", "xavier", "normal"):
@@ -204,70 +204,34 @@ def _restore(ctx, out: Path, model: MLP, optim: Optimizer, sampler: data.ShardSa
 
 
 def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_StopSignal") -> dict:
-    xp, model, sampler = ctx.xp, s.model, s.sampler
-    spe = sampler.steps_per_epoch
-    dtype = model.dtype
+    """All steps from ``s.start_step + 1``; then the final check and ``model.npz``."""
+    spe = s.sampler.steps_per_epoch
     classify = s.dataset.classes is not None
-    stats = np.zeros(4)           # [weighted loss sum, correct, samples, stop flag]
     epoch_sums = np.zeros(3)      # loss, correct, samples over the epoch so far
     order, order_epoch = None, -1
     record, last_epoch = {}, {}
     for step in range(s.start_step + 1, s.total_steps + 1):
-        t_start = time.perf_counter()
         epoch, k = divmod(step - 1, spe)
-        if epoch != order_epoch:
-            order, order_epoch = sampler.epoch_order(epoch), epoch
-            if k:  # resumed mid-epoch: the epoch's sums so far are not known, restart them
-                epoch_sums[:] = 0
-        idx, n_global = sampler.shard(epoch, k, order)
-        x, y = s.dataset.batch(idx, dtype, xp)
-
-        # Forward and loss.  Each sample is weighted 1/n_global, so the gradients' SUM over
-        # ranks (what the allreduce computes) is their mean over the global batch.
-        out = model.forward(x)
-        loss_sum, dz = model.loss(out, y, 1.0 / n_global)
-        if not np.isfinite(loss_sum):
-            raise NumericsError(f"rank {ctx.rank}: the loss is {loss_sum} at step {step}",
-                                hint="lower [optim] lr, or check the data for NaN/Inf")
-        correct = model.predict_stats(out, y)[0] if classify else 0
-        stats[:] = (loss_sum, correct, len(idx), stop.requested)
-        stats_req = ctx.comm.Iallreduce(MPI.IN_PLACE, stats, MPI.SUM)
-
-        # Backward, handing each layer to the synchronizer as soon as it is ready.
-        sync.begin(step)
-        for layer in model.backward(dz):
-            sync.layer_ready(layer)
-        waited = sync.finish()
-        t_wait = time.perf_counter()
-        wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}")
-        waited += time.perf_counter() - t_wait
-        # end-to-end checks (lossy delivery, fault plans), before the update
-        _checked(cfg, metrics, step, lambda: sync.verify(step))
-
-        lr = learning_rate(cfg.optim, step, s.total_steps)
-        s.optim.step([g.flat for g in model.grads], lr)
-        total = time.perf_counter() - t_start
-
-        loss = stats[0]
-        epoch_sums += (loss * stats[2], stats[1], stats[2])
-        record = {"step": step, "epoch": epoch, "loss": loss,
-                  "accuracy": stats[1] / stats[2] if classify else None, "lr": lr,
-                  "samples": int(stats[2]), "time_compute": total - waited, "time_wait": waited,
-                  "time_total": total, "samples_per_s": stats[2] / total}
+        if epoch != order_epoch:  # (a resumed run may start mid-epoch: its sums restart)
+            order, order_epoch = s.sampler.epoch_order(epoch), epoch
+        record, stop_now = _step(ctx, cfg, s, sync, metrics, step, epoch, k, order, stop)
         metrics.step(record)
+        epoch_sums += (record["loss"] * record["samples"], record["correct"], record["samples"])
 
+        # Step-end duties.  They use native collectives, so first make sure no rank is
+        # failing inside the transport (it would leave the others waiting in MPI).
         last = step == s.total_steps
         epoch_end = k == spe - 1 or last
         check = cfg.sync.check_every and step % cfg.sync.check_every == 0 and not last
-        if epoch_end or check or last or stats[3] > 0:
-            sync.fence(step)  # native collectives follow: no rank may be failing meanwhile
+        if epoch_end or check or stop_now:
+            sync.fence(step)
         if epoch_end:
-            last_epoch = _end_of_epoch(ctx, cfg, s, metrics, step, epoch, epoch_sums, classify)
+            last_epoch = _end_of_epoch(ctx, s, metrics, step, epoch, epoch_sums, classify)
             epoch_sums[:] = 0
         if check:
             _checked(cfg, metrics, step,
-                     lambda: verify_replicas(ctx.comm, [p.flat for p in model.params], step))
-        if stats[3] > 0:
+                     lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], step))
+        if stop_now:
             _save_checkpoint(ctx, cfg, s, step)
             metrics.event("preempted", step)
             raise Preempted(f"stopped by a signal at step {step}; checkpoint written to "
@@ -277,11 +241,55 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
             _save_checkpoint(ctx, cfg, s, step)
 
     _checked(cfg, metrics, s.total_steps,
-             lambda: verify_replicas(ctx.comm, [p.flat for p in model.params], s.total_steps))
+             lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.total_steps))
     if ctx.is_root:
-        checkpoint.write_npz(s.out / "model.npz", model.state())
+        checkpoint.write_npz(s.out / "model.npz", s.model.state())
     return {"steps": s.total_steps, "out": str(s.out), "loss": record.get("loss"),
             "val_loss": last_epoch.get("val_loss"), "val_accuracy": last_epoch.get("val_accuracy")}
+
+
+def _step(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, step: int, epoch: int,
+          k: int, order: np.ndarray, stop: "_StopSignal") -> tuple[dict, bool]:
+    """One global step on this rank: (its metrics record, whether all ranks must stop now)."""
+    model = s.model
+    t_start = time.perf_counter()
+    idx, n_global = s.sampler.shard(epoch, k, order)
+    x, y = s.dataset.batch(idx, model.dtype, ctx.xp)
+
+    # Forward and loss.  Each sample is weighted 1/n_global, so the gradients' SUM over
+    # ranks (what the allreduce computes) is their mean over the global batch.
+    out = model.forward(x)
+    loss_sum, dz = model.loss(out, y, 1.0 / n_global)
+    if not np.isfinite(loss_sum):
+        raise NumericsError(f"rank {ctx.rank}: the loss is {loss_sum} at step {step}",
+                            hint="lower [optim] lr, or check the data for NaN/Inf")
+    correct = model.predict_stats(out, y)[0] if s.dataset.classes is not None else 0
+    # The step's statistics travel in one small allreduce that overlaps the backward pass;
+    # the stop flag in it makes every rank stop at the same step after a signal.
+    stats = np.array([loss_sum, correct, len(idx), stop.requested], dtype=np.float64)
+    stats_req = ctx.comm.Iallreduce(MPI.IN_PLACE, stats, MPI.SUM)
+
+    # Backward, handing each layer to the synchronizer as soon as it is ready.
+    sync.begin(step)
+    for layer in model.backward(dz):
+        sync.layer_ready(layer)
+    waited = sync.finish()
+    t_wait = time.perf_counter()
+    wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}")
+    waited += time.perf_counter() - t_wait
+    # end-to-end checks (lossy delivery, fault plans), before the update
+    _checked(cfg, metrics, step, lambda: sync.verify(step))
+
+    lr = learning_rate(cfg.optim, step, s.total_steps)
+    s.optim.step([g.flat for g in model.grads], lr)
+    total = time.perf_counter() - t_start
+    loss, correct, samples, stop_votes = stats
+    record = {"step": step, "epoch": epoch, "loss": loss,
+              "accuracy": correct / samples if s.dataset.classes is not None else None,
+              "correct": int(correct), "lr": lr, "samples": int(samples),
+              "time_compute": total - waited, "time_wait": waited, "time_total": total,
+              "samples_per_s": samples / total}
+    return record, stop_votes > 0
 
 
 def _checked(cfg, metrics: Metrics, step: int, check) -> None:
@@ -315,8 +323,9 @@ def _report_transport(ctx, stats: dict, metrics: Metrics, step: int) -> None:
                      f"{int(total['stale_discarded'])} duplicates/stale discarded")
 
 
-def _end_of_epoch(ctx, cfg, s: Setup, metrics: Metrics, step: int, epoch: int,
+def _end_of_epoch(ctx, s: Setup, metrics: Metrics, step: int, epoch: int,
                   sums: np.ndarray, classify: bool) -> dict:
+    """Collective: validation, and the epoch's record (train figures: means over its steps)."""
     val_loss = val_acc = None
     if len(s.val_idx):
         val_loss, val_acc = evaluate(ctx, s.model, s.dataset, s.val_idx)

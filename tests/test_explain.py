@@ -194,13 +194,15 @@ def test_scenario_bytes_and_order_per_layer():
     assert s["samples_per_rank"] == [16, 16] and s["global_batch"] == 32
 
 
-def test_scenario_average_is_the_mean_of_what_both_ranks_send():
+def test_scenario_average_is_the_sum_of_what_both_ranks_send():
+    """Each rank sends its share of the mean (its samples weighted 1/global batch), so the
+    allreduce's sum is the average; the global-batch check below pins the scale."""
     s = explain.two_gpu_step(REPO / JOB)
     for l in s["layers"]:
         for part in ("weight", "bias"):
             a, b = (np.array(l["sent"][r][part]) for r in ("GPU-A", "GPU-B"))
             assert not np.array_equal(a, b)  # different halves of the batch
-            np.testing.assert_allclose(l["average"][part], (a + b) / 2, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(l["average"][part], a + b, rtol=1e-6, atol=1e-7)
     assert s["max_abs_diff_vs_global_batch"] < 1e-6
     assert s["backward_needs_only_local_error_terms"] is True
 
@@ -213,7 +215,7 @@ def test_scenario_text(capsys):
     assert layers == [("2", "4", "1", "20", "40"), ("1", "4", "4", "80", "160"),
                       ("0", "4", "4", "80", "160")]
     assert "180 B as float32, 360 B as float64" in text
-    assert "GPU-A sends" in text and "GPU-B sends" in text and "average (sum / 2)" in text
+    assert "GPU-A sends" in text and "GPU-B sends" in text and "sum = average" in text
     assert "gives the same gradients for every earlier layer: True" in text
 
 

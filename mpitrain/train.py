@@ -71,6 +71,8 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
                       s.start_step)
     if ctx.is_root:
         checkpoint.write_text(s.out / "config.toml", cfg.to_toml())
+        metrics.event("start", s.start_step, ranks=ctx.size, job=cfg.name,
+                      slurm_job_id=ctx.slurm.job_id, slurm_restart_count=ctx.slurm.restart_count)
         if s.start_step:
             metrics.note(f"resumed from the checkpoint of step {s.start_step}")
             metrics.event("resume", s.start_step)

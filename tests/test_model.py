@@ -91,3 +91,26 @@ def test_float32_model_computes_in_float32():
     _, dz = model.loss(out, np.eye(2, dtype=np.float32), 0.5)
     list(model.backward(dz))
     assert out.dtype == np.float32 and model.grads[0].flat.dtype == np.float32
+
+
+def test_learning_rate_schedules():
+    from types import SimpleNamespace
+    from mpitrain.optim import learning_rate
+    cfg = SimpleNamespace(lr=0.1, schedule="step", step_size=10, gamma=0.5, warmup_steps=0)
+    assert [learning_rate(cfg, s, 100) for s in (1, 10, 11, 21)] == [0.1, 0.1, 0.05, 0.025]
+    cfg = SimpleNamespace(lr=0.1, schedule="cosine", step_size=1, gamma=1, warmup_steps=4)
+    assert learning_rate(cfg, 2, 104) == pytest.approx(0.1 * 2 / 4)  # linear warm-up
+    assert learning_rate(cfg, 5, 104) == pytest.approx(0.1)          # cosine starts at lr
+    assert learning_rate(cfg, 104, 104) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_momentum_is_the_heavy_ball_update():
+    from types import SimpleNamespace
+    from mpitrain.optim import Optimizer
+    cfg = SimpleNamespace(name="momentum", momentum=0.9, weight_decay=0.0)
+    p = np.array([1.0, 2.0])
+    opt = Optimizer(cfg, [p])
+    opt.step([np.array([1.0, -1.0])], 0.1)
+    opt.step([np.array([1.0, -1.0])], 0.1)
+    # v1 = g, v2 = 0.9 g + g; p = p0 - 0.1 (v1 + v2)
+    np.testing.assert_allclose(p, [1.0 - 0.1 * (1 + 1.9), 2.0 + 0.1 * (1 + 1.9)])

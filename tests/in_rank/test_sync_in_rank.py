@@ -1,0 +1,61 @@
+"""In-rank tests (pytest-mpi): run inside an MPI job by tests/test_in_rank.py.
+
+    mpiexec -n P python -m pytest --with-mpi tests/in_rank
+
+Every rank runs the same test on the real communicator; expectations are written in terms
+of rank and size, so the same test holds at every communicator size.
+"""
+import numpy as np
+import pytest
+
+from mpitrain.comm.allreduce import ALGORITHMS, make_allreducer
+from mpitrain.comm.transport import Transport
+from mpitrain.errors import DivergenceError
+from mpitrain.sync import GradientSync, verify_replicas
+
+
+@pytest.fixture
+def comm():
+    from mpi4py import MPI
+    c = MPI.COMM_WORLD.Dup()
+    yield c
+    c.Free()
+
+
+def rank_buffers(rank, sizes, dtype):
+    """Layer buffers whose values depend on the rank (and so on the communicator size)."""
+    return [np.arange(n, dtype=dtype) * (rank + 1) + 0.5 * rank for n in sizes]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gradient_sync_sums_every_layer(comm, algorithm, overlap):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    sizes = [7, 1, 0, 33]
+    transport = None if algorithm == "native" else Transport(comm, deadline_s=20)
+    grads = rank_buffers(rank, sizes, np.float64)
+    sync = GradientSync(make_allreducer(algorithm, comm, transport), grads, overlap, transport)
+    sync.begin(1)
+    for layer in reversed(range(len(sizes))):  # as backward hands them over
+        sync.layer_ready(layer)
+    sync.finish()
+    for n, got in zip(sizes, grads):
+        want = sum(np.arange(n) * (r + 1) + 0.5 * r for r in range(size))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    if transport is not None:
+        transport.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_replica_check_names_the_rank_that_differs(comm):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    params = [np.ones(5), np.ones(3)]
+    verify_replicas(comm, params, 0)  # identical: no error
+    if rank == size - 1:
+        params[1][2] += 1e-12  # one ulp-sized difference is still a different replica
+    with pytest.raises(DivergenceError) as err:
+        verify_replicas(comm, params, 7)
+    assert err.value.layer == 1 and err.value.step == 7
+    if size > 2:
+        assert err.value.ranks == [size - 1]

@@ -113,9 +113,9 @@ class EventLog:
     with one event dict at a time (the transport's ``events`` callback).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "a", buffering=1)
+        self._fh = open(path, "a" if append else "w", buffering=1)
 
     def __call__(self, event: dict) -> None:
         self._fh.write(json.dumps(event) + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,8 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
     """
     if resume:
         s.start_step = _restore(ctx, s.out, s.model, s.optim, s.sampler)
+    elif ctx.is_root:
+        _forget_earlier_run(s.out)
     metrics = Metrics(s.out, ctx.is_root, cfg.run.progress, s.total_steps, cfg.run.log_every,
                       s.start_step)
     if ctx.is_root:
@@ -77,7 +80,7 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
             metrics.note(f"resumed from the checkpoint of step {s.start_step}")
             metrics.event("resume", s.start_step)
     verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
-    fault_log = EventLog(s.out / f"faults-rank{ctx.rank}.jsonl")
+    fault_log = EventLog(s.out / f"faults-rank{ctx.rank}.jsonl", append=s.start_step > 0)
     sync = build_sync(ctx, cfg, s.out, [g.flat for g in s.model.grads], fault_log)
     stop = _StopSignal()
     try:
@@ -170,6 +173,16 @@ def _check_fault_rules(cfg, size: int, n_layers: int) -> None:
             raise ConfigError(f"{label}: phase = \"{rule.phase}\" never occurs in the {alg} "
                               f"allreduce; its phases are "
                               f"{', '.join(ALGORITHM_PHASES[alg])}")
+
+
+def _forget_earlier_run(out: Path) -> None:
+    """A fresh start in a used folder: its old checkpoints must never be resumed by mistake."""
+    old = checkpoint.list_checkpoints(out)
+    for path in old:
+        path.unlink()
+    if old:
+        print(f"mpitrain: starting afresh in {out}: removed {len(old)} checkpoint(s) of an "
+              f"earlier run (use --resume to continue one)", file=sys.stderr)
 
 
 def _restore(ctx, out: Path, model: MLP, optim: Optimizer, sampler: data.ShardSampler) -> int:

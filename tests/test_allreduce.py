@@ -1,12 +1,18 @@
-"""Every own allreduce algorithm equals native MPI on 1..8 ranks.
+"""Every own algorithm equals native MPI on 1..8 ranks.
 
 One mpiexec per rank count; the driver (tests/comm_driver.py allreduce) checks
 all cases inside: lengths 0, 1, < p, p, p+1, odd and larger, float32 and
 float64, against native within float rounding, bitwise identical on every
 rank, bitwise identical on a second run; plus ring in reliable mode and tree
 in lossy mode without faults.
+
+The driver's buffers are all small enough to travel inline (header and payload in one
+message); ``test_large_buffers`` runs this file under mpiexec to check buffers whose
+chunks travel as a header plus a separate, zero-copy payload (transport.INLINE_MAX).
 """
 from __future__ import annotations
+
+import sys
 
 import pytest
 
@@ -20,3 +26,56 @@ def test_algorithms_equal_native(nprocs):
     res = mpiexec(nprocs, [DRIVER, "allreduce"], timeout=90)
     assert res.returncode == 0, res.output[-3000:]
     assert f"ALLREDUCE OK p={nprocs}" in res.stdout
+
+
+@pytest.mark.parametrize("nprocs", [2, 3, 4])
+def test_large_buffers(nprocs):
+    res = mpiexec(nprocs, [__file__, "large"], timeout=120)
+    assert res.returncode == 0, res.output[-3000:]
+    assert f"LARGE OK p={nprocs}" in res.stdout
+
+
+def _large() -> None:
+    """Under mpiexec: own algorithms on buffers above INLINE_MAX, every delivery mode."""
+    import zlib
+
+    import numpy as np
+    from mpi4py import MPI
+
+    sys.path.insert(0, str(REPO))
+    from mpitrain.comm.allreduce import make_allreducer
+    from mpitrain.comm.transport import INLINE_MAX, Transport
+
+    comm = MPI.COMM_WORLD.Dup()
+    p, r = comm.Get_size(), comm.Get_rank()
+    step = 0
+    for delivery in ("strict", "reliable", "lossy"):
+        for algo in ("ring", "recursive_doubling", "tree"):
+            ar = make_allreducer(algo, comm, Transport(comm, delivery=delivery, deadline_s=20))
+            for dtype in (np.float32, np.float64):
+                for n in (INLINE_MAX // 4 * p + 7, 3 * INLINE_MAX + 1, 1 << 20):
+                    step += 1
+                    x = np.random.default_rng([r, n, step]).standard_normal(n).astype(dtype)
+                    ref = x.copy()
+                    comm.Allreduce(MPI.IN_PLACE, ref, MPI.SUM)
+                    outs = []
+                    for rep in range(2):
+                        y = x.copy()
+                        ar.wait(ar.start(y, step, rep))
+                        outs.append(y)
+                    where = f"{algo}/{delivery} p={p} n={n} {np.dtype(dtype).name}"
+                    bound = 2 * p * np.finfo(dtype).eps * comm.allreduce(np.abs(x).astype(np.float64), MPI.SUM)
+                    ok = (np.array_equal(outs[0].view(np.uint8), outs[1].view(np.uint8))
+                          and bool(np.all(np.abs(outs[0] - ref) <= bound)))
+                    crcs = comm.allgather(zlib.crc32(outs[0].view(np.uint8)))
+                    if not ok or len(set(crcs)) != 1:
+                        sys.stderr.write(f"rank {r}: {where}: wrong or not bitwise identical\n")
+                        comm.Abort(1)
+            ar.transport.close()
+    comm.Barrier()
+    if r == 0:
+        print(f"LARGE OK p={p} cases={step}", flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["large"]:
+    _large()

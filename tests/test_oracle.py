@@ -119,6 +119,18 @@ def test_ranks_equal_one_process_with_the_global_batch(problem, nprocs, optim, l
     assert_matches(got, want)
 
 
+@pytest.mark.parametrize("algorithm", ["native", "ring", "recursive_doubling", "tree"])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_every_algorithm_and_overlap_setting_trains_the_same(problem, algorithm, overlap):
+    _, _, x, t, params = problem
+    batches = [np.arange(k * 16, k * 16 + 16) for k in (0, 1, 2, 3, 4, 5, 0, 1)]
+    want = reference_train(params, x, t, batches, "sgd", 0.5)
+    got = run_ranks(problem, 4, f"{algorithm}-{overlap}", "--set", 'optim.name="sgd"',
+                    "--set", "optim.lr=0.5", "--set", f'sync.algorithm="{algorithm}"',
+                    "--set", f"sync.overlap={str(overlap).lower()}")
+    assert_matches(got, want)
+
+
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_weighted_tail_keeps_the_global_mean(problem, nprocs):
     """The 4-sample tail lands on rank 0 (and 1 with P=4 gets none of it): still exact."""

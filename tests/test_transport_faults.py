@@ -245,3 +245,60 @@ def test_fence_brings_a_rank_that_finished_early_into_the_error(tmp_path):
     res, results = scenario(3, {"algorithm": "tree", "rules": [rule], "fence": True}, tmp_path)
     assert_same_error_everywhere(res, results, 3, "rank 1 received nothing from rank 0",
                                  "tree broadcast, chunk 0", "Injected fault: drop")
+
+
+# ------------------------------------------- large payloads (header + separate payload)
+# Layers above transport.INLINE_MAX bytes travel as a header message followed by the payload
+# (sent straight from the gradient buffer in strict mode); these run the fault paths on them.
+BIG = [3000, 300, 2500]  # float64: 24 KB, 2.4 KB, 20 KB; ring chunks at 2 ranks: 12 KB / 10 KB
+
+
+@pytest.mark.parametrize("nprocs,algorithm,layers", [(2, "ring", [6000, 300, 5000]), (3, "tree", BIG),
+                                                     (3, "recursive_doubling", BIG)])
+def test_big_payload_corruption_and_drop_strict(tmp_path, nprocs, algorithm, layers):
+    rule = {"kind": "corrupt", "step": 1, "layer": 2, "src": 1}
+    res, results = scenario(nprocs, {"algorithm": algorithm, "rules": [rule], "layers": layers}, tmp_path)
+    assert_same_error_everywhere(res, results, nprocs, "step 1, layer 2", "corrupted message from rank 1",
+                                 "checksum mismatch", "Injected fault: corrupt (bitflip)")
+    out = tmp_path / "drop"
+    out.mkdir()
+    rule = {"kind": "drop", "step": 2, "layer": 0, "src": 1}
+    res, results = scenario(nprocs, {"algorithm": algorithm, "rules": [rule], "layers": layers,
+                                     "steps": 3}, out)
+    assert_same_error_everywhere(res, results, nprocs, "step 2, layer 0", "received nothing from rank 1",
+                                 "Injected fault: drop")
+
+
+def test_big_payload_strict_survives_duplicates_reorders_delays(tmp_path):
+    rules = [{"kind": "duplicate", "probability": 0.4}, {"kind": "reorder", "probability": 0.4},
+             {"kind": "delay", "probability": 0.2, "delay_ms": 5}]
+    res, results = scenario(4, {"algorithm": "ring", "rules": rules, "steps": 3, "layers": [40000, 9000],
+                                "dtype": "float32", "clean_first": True}, tmp_path)
+    assert res.returncode == 0, res.output[-2000:]
+    for d in results.values():
+        assert d["digest"] == d["clean_digest"]
+    assert sum(d["stats"]["stale_discarded"] for d in results.values()) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "recursive_doubling"])
+def test_big_payload_reliable_is_bitwise_fault_free(tmp_path, algorithm):
+    rules = [{"kind": "drop", "probability": 0.2}, {"kind": "corrupt", "probability": 0.2},
+             {"kind": "corrupt", "corrupt": "nan", "probability": 0.2},
+             {"kind": "duplicate", "probability": 0.3}, {"kind": "reorder", "probability": 0.3}]
+    res, results = scenario(3, {"algorithm": algorithm, "delivery": "reliable", "rules": rules,
+                                "steps": 3, "layers": BIG, "clean_first": True}, tmp_path)
+    assert res.returncode == 0, res.output[-2000:]
+    stats = {k: sum(d["stats"][k] for d in results.values()) for k in results[0]["stats"]}
+    assert stats["retransmissions"] > 0 and stats["corrupt_detected"] > 0
+    for d in results.values():
+        assert d["digest"] == d["clean_digest"]
+
+
+def test_big_payload_lossy_drop_named_by_end_to_end_check(tmp_path):
+    rule = {"kind": "drop", "step": 1, "layer": 0, "src": 1, "dst": 0, "phase": "reduce_scatter"}
+    cfg = {"algorithm": "ring", "delivery": "lossy", "deadline": 0.3, "rules": [rule],
+           "layers": [6000, 300, 5000], "checks": ["hash", "e2e"]}
+    res, results = scenario(2, cfg, tmp_path)
+    assert_same_error_everywhere(res, results, 2, "end-to-end check failed at step 1, layer 0",
+                                 "rank 0 counted as absent: step 1, layer 0, ring reduce_scatter",
+                                 error="ReductionError")

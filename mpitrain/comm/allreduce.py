@@ -30,7 +30,9 @@ The ring, recursive-doubling and tree allreducers are built only from
 :class:`~mpitrain.comm.transport.Transport` messages and run *synchronously
 inside* ``start`` (then ``test`` is True and ``wait`` a no-op): they cannot
 overlap with computation, which is the honest price of intercepting every
-message in Python.  In lossy mode a missing message contributes zeros.
+message in Python.  In lossy mode a missing message contributes zeros.  Chunks are sent
+straight from the buffer (``Transport.send(..., borrow=True)``; ``Transport.settle`` before a
+sent region is written again) and received straight into the buffer where they replace it.
 """
 from __future__ import annotations
 
@@ -187,18 +189,27 @@ class RingAllreducer(Allreducer):
         n, dt = buf.size, buf.dtype
         lo = [(c * n) // p for c in range(p + 1)]
         right, left = (r + 1) % p, (r - 1) % p
+        # Chunks are sent straight from ``buf`` (borrow): a chunk sent in the reduce-scatter
+        # is only written again by the allgather, after ``settle``; allgather chunks are not
+        # written again before the end of the collective (``drain`` settles).
         for s in range(p - 1):  # after step s, rank r holds the partial sum of chunk r-s-1
             sc, rc = (r - s) % p, (r - s - 1) % p
-            t.send(self._mid(step, layer, "reduce_scatter", sc, r, right), buf[lo[sc]:lo[sc + 1]])
-            got = t.recv(self._mid(step, layer, "reduce_scatter", rc, left, r), dt, lo[rc + 1] - lo[rc])
+            t.send(MessageId(step, layer, "ring", "reduce_scatter", sc, r, right),
+                   buf[lo[sc]:lo[sc + 1]], True)
+            got = t.recv(MessageId(step, layer, "ring", "reduce_scatter", rc, left, r), dt,
+                         lo[rc + 1] - lo[rc])
             if got is not None:
                 seg = buf[lo[rc]:lo[rc + 1]]
                 np.add(seg, got, out=seg)
+        t.settle()
         for s in range(p - 1):  # rank r owns the full sum of chunk r+1; pass them around
             sc, rc = (r + 1 - s) % p, (r - s) % p
-            t.send(self._mid(step, layer, "allgather", sc, r, right), buf[lo[sc]:lo[sc + 1]])
-            got = t.recv(self._mid(step, layer, "allgather", rc, left, r), dt, lo[rc + 1] - lo[rc])
-            buf[lo[rc]:lo[rc + 1]] = got if got is not None else 0
+            t.send(MessageId(step, layer, "ring", "allgather", sc, r, right),
+                   buf[lo[sc]:lo[sc + 1]], True)
+            seg = buf[lo[rc]:lo[rc + 1]]
+            if t.recv(MessageId(step, layer, "ring", "allgather", rc, left, r), dt, seg.size,
+                      seg) is None:
+                seg[:] = 0
 
 
 class RecursiveDoublingAllreducer(Allreducer):
@@ -212,9 +223,10 @@ class RecursiveDoublingAllreducer(Allreducer):
         p2 = 1 << (p.bit_length() - 1)
         rounds = p2.bit_length() - 1
         if r >= p2:  # an extra rank: fold in, wait for the result
-            t.send(self._mid(step, layer, "exchange", 0, r, r - p2), buf)
-            got = t.recv(self._mid(step, layer, "exchange", rounds + 1, r - p2, r), dt, n)
-            buf[:] = got if got is not None else 0
+            t.send(self._mid(step, layer, "exchange", 0, r, r - p2), buf, True)
+            t.settle()  # before the result overwrites what was sent from buf
+            if t.recv(self._mid(step, layer, "exchange", rounds + 1, r - p2, r), dt, n, buf) is None:
+                buf[:] = 0
             return
         if r + p2 < p:
             got = t.recv(self._mid(step, layer, "exchange", 0, r + p2, r), dt, n)
@@ -224,11 +236,13 @@ class RecursiveDoublingAllreducer(Allreducer):
             partner = r ^ (1 << k)
             # a + b == b + a bit for bit, so both partners hold identical sums
             got = t.sendrecv(self._mid(step, layer, "exchange", k + 1, r, partner), buf,
-                             self._mid(step, layer, "exchange", k + 1, partner, r), dt, n)
+                             self._mid(step, layer, "exchange", k + 1, partner, r), dt, n,
+                             borrow=True)
+            t.settle()  # our copy of buf has left before the sum overwrites it
             if got is not None:
                 np.add(buf, got, out=buf)
         if r + p2 < p:
-            t.send(self._mid(step, layer, "exchange", rounds + 1, r, r + p2), buf)
+            t.send(self._mid(step, layer, "exchange", rounds + 1, r, r + p2), buf, True)
 
 
 class TreeAllreducer(Allreducer):
@@ -243,7 +257,7 @@ class TreeAllreducer(Allreducer):
         while mask < p:
             k = mask.bit_length() - 1
             if r & mask:
-                t.send(self._mid(step, layer, "reduce", k, r, r - mask), buf)
+                t.send(self._mid(step, layer, "reduce", k, r, r - mask), buf, True)
                 break
             if r + mask < p:
                 got = t.recv(self._mid(step, layer, "reduce", k, r + mask, r), dt, n)
@@ -254,12 +268,15 @@ class TreeAllreducer(Allreducer):
             mask = 1 << (p - 1).bit_length()
         else:
             mask = r & -r
-            got = t.recv(self._mid(step, layer, "broadcast", mask.bit_length() - 1, r - mask, r), dt, n)
-            buf[:] = got if got is not None else 0
+            t.settle()  # the reduce message left buf before the broadcast overwrites it
+            if t.recv(self._mid(step, layer, "broadcast", mask.bit_length() - 1, r - mask, r),
+                      dt, n, buf) is None:
+                buf[:] = 0
         mask >>= 1
         while mask:
             if r + mask < p:
-                t.send(self._mid(step, layer, "broadcast", mask.bit_length() - 1, r, r + mask), buf)
+                t.send(self._mid(step, layer, "broadcast", mask.bit_length() - 1, r, r + mask),
+                       buf, True)
             mask >>= 1
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -75,7 +76,7 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files if k != "meta"}
             meta = json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise MpitrainError(f"checkpoint {path} cannot be read: {exc}",
                             hint="delete it to resume from the one before") from None
     return arrays, meta

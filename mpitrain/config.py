@@ -11,6 +11,7 @@ itself: the caller (the context) hands it the variables.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -35,7 +36,7 @@ def key(default: Any, *, choices: tuple | None = None, lo: float | None = None,
     """Declare one job-file key: its default and what is allowed."""
     meta = dict(choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, doc=doc)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata=meta)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

@@ -129,7 +129,15 @@ def from_file(path: Path) -> Dataset:
         classes = int(y.max()) + 1 if len(y) else 0
     elif y.ndim == 1:
         y = y.reshape(-1, 1)
+    elif _one_hot(y):  # one-hot rows: class labels too (accuracy is reported)
+        classes = y.shape[1]
     return Dataset(x, y, path.stem, classes)
+
+
+def _one_hot(y: np.ndarray) -> bool:
+    values = np.asarray(y)
+    return bool(len(values)) and bool(np.isin(values, (0, 1)).all()) \
+        and bool((values.sum(axis=1) == 1).all())
 
 
 def _load_npy(path: Path) -> np.ndarray:

@@ -52,6 +52,8 @@ def first_disagreement(by_rank: dict[int, dict[int, dict]], size: int) -> str | 
         recs = {r: by_rank.get(r, {}).get(seq) for r in range(size)}
         present = {r: x for r, x in recs.items() if x is not None}
         missing = [r for r, x in recs.items() if x is None]
+        if not present:  # a gap left by lines cut short
+            continue
         ref = next(iter(present.values()))
         if missing:
             lines = [f"first disagreement at collective {_name(ref)}: {_ranks(missing)} never "

@@ -7,7 +7,7 @@
   the mean over the global batch, times are rank 0's seconds: computing, waiting for
   gradient communication, and the whole step;
 * ``{"kind": "epoch", "step", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"}`` --
-  at the end of each epoch (train figures are means over the epoch's steps; ``val_*`` are
+  at the end of each epoch (train figures are means over the epoch's samples; ``val_*`` are
   null when validation is off).
 
 ``events.jsonl`` records what happened to the run (faults injected, retransmissions,
@@ -128,8 +128,13 @@ def _truncate_after(path: Path, step: int) -> None:
     """Drop records of steps after ``step`` (a resumed run redoes them); keep the rest."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut short when the process was killed mid-write
+            continue
     checkpoint.write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -17,6 +17,7 @@ pass goes on to the layer before (the overlap of the chapter's Figure 2-12).
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,9 +25,6 @@ from typing import Iterator
 import numpy as np
 
 from .errors import ConfigError
-
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity", "softmax")
-
 
 @dataclass
 class LayerBuffer:
@@ -137,13 +135,22 @@ class MLP:
                 getattr(p, k)[...] = self.xp.asarray(value.astype(self.dtype))
 
     def load_file(self, path: str | Path) -> None:
+        where = f"[model] init = {str(path)!r}"
         try:
-            with np.load(path) as z:
-                self.load_state({k: z[k] for k in z.files}, f"[model] init = {str(path)!r}")
+            z = np.load(path)
         except FileNotFoundError:
-            raise ConfigError(f"[model] init = {str(path)!r}: no such file") from None
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"[model] init = {str(path)!r}: not a readable .npz ({exc})") from None
+            raise ConfigError(f"{where}: no such file") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(f"{where}: not a readable .npz ({exc})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ConfigError(f"{where}: not an .npz of parameters (a single array)",
+                              hint="save with numpy.savez(path, **{'layers.0.weight': W0, ...})")
+        with z:
+            try:
+                arrays = {k: z[k] for k in z.files}
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise ConfigError(f"{where}: not a readable .npz ({exc})") from None
+        self.load_state(arrays, where)
 
     # ------------------------------------------------------------------ passes
     def forward(self, x):

@@ -50,8 +50,9 @@ class Optimizer:
         cfg, xp = self.cfg, self.xp
         for i, (p, g) in enumerate(zip(self.params, grads)):
             tmp = self._tmp[i]
-            if cfg.weight_decay:
-                g += cfg.weight_decay * p  # the gradient buffer is ours until the next backward
+            if cfg.weight_decay:  # the gradient buffer is ours until the next backward
+                xp.multiply(p, cfg.weight_decay, out=tmp)
+                g += tmp
             if cfg.name == "sgd":
                 xp.multiply(g, lr, out=tmp)
                 p -= tmp
@@ -67,7 +68,8 @@ class Optimizer:
     def _adam(self, p, g, m, v, tmp, lr: float) -> None:
         cfg, xp = self.cfg, self.xp
         m *= cfg.beta1
-        m += (1 - cfg.beta1) * g
+        xp.multiply(g, 1 - cfg.beta1, out=tmp)
+        m += tmp
         v *= cfg.beta2
         xp.multiply(g, g, out=tmp)
         tmp *= 1 - cfg.beta2

@@ -67,9 +67,9 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
     Returns a summary (steps, output folder, the last step's metrics).
     """
     if resume:
-        s.start_step = _restore(ctx, s.out, s.model, s.optim, s.sampler)
+        s.start_step = _restore(ctx, cfg, s.out, s.model, s.optim)
     elif ctx.is_root:
-        _forget_earlier_run(s.out)
+        _forget_earlier_run(s.out, ctx.size)
     metrics = Metrics(s.out, ctx.is_root, cfg.run.progress, s.total_steps, cfg.run.log_every,
                       s.start_step)
     if ctx.is_root:
@@ -79,11 +79,11 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
         if s.start_step:
             metrics.note(f"resumed from the checkpoint of step {s.start_step}")
             metrics.event("resume", s.start_step)
-    verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
     fault_log = EventLog(s.out / f"faults-rank{ctx.rank}.jsonl", append=s.start_step > 0)
-    sync = build_sync(ctx, cfg, s.out, [g.flat for g in s.model.grads], fault_log)
     stop = _StopSignal()
     try:
+        verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
+        sync = build_sync(ctx, cfg, s.out, [g.flat for g in s.model.grads], fault_log)
         summary = _loop(ctx, cfg, s, sync, metrics, stop)
         _report_transport(ctx, sync.close(), metrics, s.total_steps)
     finally:
@@ -175,21 +175,39 @@ def _check_fault_rules(cfg, size: int, n_layers: int) -> None:
                               f"{', '.join(ALGORITHM_PHASES[alg])}")
 
 
-def _forget_earlier_run(out: Path) -> None:
-    """A fresh start in a used folder: its old checkpoints must never be resumed by mistake."""
+def _forget_earlier_run(out: Path, size: int) -> None:
+    """A fresh start in a used folder: nothing of an earlier run may mix with this one.
+
+    Its checkpoints must never be resumed by mistake, and its metrics, events and per-rank
+    logs of ranks this run does not have must not be read as this run's.  (Rank 0 only; the
+    per-rank logs of ranks < size are rewritten by their ranks.)
+    """
     old = checkpoint.list_checkpoints(out)
-    for path in old:
-        path.unlink()
+    stale = [out / "metrics.jsonl", out / "events.jsonl"]
+    for pattern in ("ledger-rank*.jsonl", "faults-rank*.jsonl"):
+        stale += [p for p in out.glob(pattern)
+                  if int(p.stem.rsplit("rank", 1)[1]) >= size]
+    for path in old + stale:
+        path.unlink(missing_ok=True)
     if old:
         print(f"mpitrain: starting afresh in {out}: removed {len(old)} checkpoint(s) of an "
               f"earlier run (use --resume to continue one)", file=sys.stderr)
 
 
-def _restore(ctx, out: Path, model: MLP, optim: Optimizer, sampler: data.ShardSampler) -> int:
+def _resume_identity(ctx, cfg) -> dict:
+    """What a checkpoint's run and a resuming run must share to be the same training."""
+    return {"ranks": ctx.size, "batch_size": cfg.data.batch_size, "seed": cfg.run.seed,
+            "shuffle": cfg.data.shuffle, "tail": cfg.data.tail, "source": cfg.data.source,
+            "layers": list(cfg.model.layers), "dtype": cfg.model.dtype,
+            "optimizer": cfg.optim.name}
+
+
+def _restore(ctx, cfg, out: Path, model: MLP, optim: Optimizer) -> int:
     """Collective: load the newest checkpoint (read by rank 0, broadcast); return its step.
 
     Returns 0 when there is no checkpoint (a fresh start).  Every rank raises the same error
-    if rank 0 cannot read it.
+    if rank 0 cannot read it or it belongs to a different training (other ranks, batch,
+    seed, data order, model or optimizer).
     """
     loaded = None
     if ctx.is_root:
@@ -205,16 +223,21 @@ def _restore(ctx, out: Path, model: MLP, optim: Optimizer, sampler: data.ShardSa
     if loaded is None:
         return 0
     arrays, meta = loaded
-    if (meta["ranks"], meta["batch_size"]) != (ctx.size, sampler.batch_size):
+    mine = _resume_identity(ctx, cfg)
+    differ = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in mine.items() if meta.get(k) != v]
+    if differ:
         raise MpitrainError(
-            f"the checkpoint of step {meta['step']} in {out} was written by {meta['ranks']} ranks "
-            f"with batch_size {meta['batch_size']}; this run has {ctx.size} ranks with "
-            f"batch_size {sampler.batch_size}, so it would not continue the same training",
-            hint="resume with the same rank count and batch size, or use a new [run] out",
+            f"the checkpoint of step {meta['step']} in {out} belongs to a different training "
+            f"({'; '.join(differ)}): resuming it would not continue the same run",
+            hint="resume with the job the checkpoint was written by, or use a new [run] out",
             reporter=0)
-    model.load_state({k: v for k, v in arrays.items() if k.startswith("layers.")},
-                     f"checkpoint step {meta['step']}")
-    optim.load_state_dict(arrays)
+    try:
+        model.load_state({k: v for k, v in arrays.items() if k.startswith("layers.")},
+                         f"checkpoint step {meta['step']}")
+        optim.load_state_dict(arrays)
+    except (MpitrainError, KeyError, ValueError) as exc:
+        raise MpitrainError(f"the checkpoint of step {meta['step']} in {out} does not fit this "
+                            f"job: {exc}", hint="use a new [run] out", reporter=0) from None
     return int(meta["step"])
 
 
@@ -238,7 +261,7 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         last = step == s.total_steps
         epoch_end = k == spe - 1 or last
         check = cfg.sync.check_every and step % cfg.sync.check_every == 0 and not last
-        if epoch_end or check or stop_now:
+        if epoch_end or check or (stop_now and not last):
             sync.fence(step)
         if epoch_end:
             last_epoch = _end_of_epoch(ctx, s, metrics, step, epoch, epoch_sums, classify)
@@ -246,7 +269,7 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         if check:
             _checked(cfg, metrics, step,
                      lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], step))
-        if stop_now:
+        if stop_now and not last:  # on the last step, finishing is the best checkpoint
             _save_checkpoint(ctx, cfg, s, step)
             metrics.event("preempted", step)
             raise Preempted(f"stopped by a signal at step {step}; checkpoint written to "
@@ -340,7 +363,7 @@ def _report_transport(ctx, stats: dict, metrics: Metrics, step: int) -> None:
 
 def _end_of_epoch(ctx, s: Setup, metrics: Metrics, step: int, epoch: int,
                   sums: np.ndarray, classify: bool) -> dict:
-    """Collective: validation, and the epoch's record (train figures: means over its steps)."""
+    """Collective: validation, and the epoch's record (train figures: means over its samples)."""
     val_loss = val_acc = None
     if len(s.val_idx):
         val_loss, val_acc = evaluate(ctx, s.model, s.dataset, s.val_idx)
@@ -369,7 +392,7 @@ def evaluate(ctx, model: MLP, dataset: data.Dataset, idx: np.ndarray,
 
 def _save_checkpoint(ctx, cfg, s: Setup, step: int) -> None:
     if ctx.is_root:
-        meta = {"ranks": ctx.size, "batch_size": cfg.data.batch_size, "job": cfg.name}
+        meta = {**_resume_identity(ctx, cfg), "job": cfg.name}
         checkpoint.save(s.out, step, {**s.model.state(), **s.optim.state_dict()}, meta,
                         cfg.run.keep_checkpoints)
 

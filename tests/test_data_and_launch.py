@@ -74,7 +74,8 @@ def test_default_job_learns_digits_on_two_ranks(tmp_path):
     assert epochs[-1]["val_accuracy"] >= 0.95, epochs[-1]
     for r in steps:
         assert {"step", "epoch", "loss", "time_compute", "time_wait", "time_total"} <= r.keys()
-        assert r["time_compute"] + r["time_wait"] == pytest.approx(r["time_total"])
+        assert 0 < r["time_compute"] <= r["time_total"] and r["time_wait"] >= 0
+    assert sum(r["time_wait"] for r in steps) > 0, "two ranks must wait for communication"
     assert (tmp_path / "config.toml").read_text().startswith("# resolved configuration")
     with np.load(tmp_path / "model.npz") as z:
         assert z["layers.0.weight"].shape == (64, 128) and z["layers.1.bias"].shape == (10,)

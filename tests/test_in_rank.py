@@ -4,7 +4,6 @@ Plain pytest-mpi would skip those tests (no MPI) and could hang the whole suite 
 deadlock; here each size is one `mpiexec -n P python -m pytest --with-mpi` job in its own
 process group under a timeout, so a deadlock is a failed test.
 """
-import sys
 
 import pytest
 

@@ -133,7 +133,7 @@ def test_every_algorithm_and_overlap_setting_trains_the_same(problem, algorithm,
 
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_weighted_tail_keeps_the_global_mean(problem, nprocs):
-    """The 4-sample tail lands on rank 0 (and 1 with P=4 gets none of it): still exact."""
+    """The 4-sample tail lands on rank 0 alone (the other ranks get none of it): still exact."""
     _, _, x, t, params = problem
     batches = [np.arange(k * 16, min(k * 16 + 16, 100)) for k in range(7)] + [np.arange(16)]
     want = reference_train(params, x, t, batches, "sgd", 0.5)

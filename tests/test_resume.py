@@ -95,4 +95,32 @@ def test_resume_refuses_a_different_rank_count(tmp_path):
     assert mpitrain(2, base, timeout=60).returncode == 0
     res = mpitrain(1, [*base, "--resume"], timeout=60)
     assert res.returncode == 2
-    assert "written by 2 ranks with batch_size 32; this run has 1 ranks" in res.stderr
+    assert "belongs to a different training (ranks 2 -> 1)" in res.stderr
+
+
+def test_resume_refuses_a_different_training(tmp_path):
+    out = tmp_path / "changed"
+    base = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2",
+            "--set", f'run.out="{out}"']
+    assert mpitrain(2, base, timeout=60).returncode == 0
+    res = mpitrain(2, [*base, "--resume", "--set", 'optim.name="sgd"', "--set", "model.layers=[32, 10]"],
+                   timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.output
+    assert res.stderr.count("mpitrain: error:") == 1
+    assert "belongs to a different training (layers [64, 10] -> [32, 10]; optimizer 'adam' -> 'sgd')" \
+        in res.stderr
+
+
+def test_a_fresh_start_forgets_an_earlier_run(tmp_path):
+    out = tmp_path / "reused"
+    first = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2", "--set", f'run.out="{out}"']
+    assert mpitrain(4, first, timeout=60).returncode == 0
+    res = mpitrain(2, ["run", "--set", "run.steps=2", "--set", f'run.out="{out}"'], timeout=60)
+    assert res.returncode == 0 and "removed 2 checkpoint(s) of an earlier run" in res.stderr
+    assert sorted(p.name for p in out.glob("ledger-rank*")) == ["ledger-rank0.jsonl", "ledger-rank1.jsonl"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"kind": "st')
+    resumed = mpitrain(2, ["run", "--set", "run.steps=3", "--set", f'run.out="{out}"', "--resume"],
+                       timeout=60)  # a line cut short by a kill must not break the resume
+    assert resumed.returncode == 0, resumed.output

@@ -3,7 +3,8 @@
 One :class:`Allreducer` per job (a small strategy object); every rank calls
 ``start`` for the same collectives, with buffers of the same length and dtype,
 in the same order, then ``wait`` (or polls ``test``) on each handle.  The result
-is the SUM (callers divide by the number of ranks to average), identical bit
+is the SUM (the trainer pre-weights gradients by 1/global batch, so the SUM is
+the mean), identical bit
 for bit on every rank, and deterministic: the same inputs give the same bits
 on every run.
 

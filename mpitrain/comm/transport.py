@@ -405,7 +405,9 @@ class Transport:
                     continue
                 self._note_wait(src, t0)
                 self._waiting = None
-                if self.delivery == "lossy":
+                # A fence is a liveness check, never a lossy message: a missing peer is an
+                # error even in lossy mode (the native collectives after it have no deadline).
+                if self.delivery == "lossy" and mid.algorithm != "fence":
                     return self._lose(mid)
                 self._report_wait(mid, src, time.monotonic() - t0)
             _sleep_backoff(idle)

@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import checkpoint
 from .errors import ConfigError, MpitrainError
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
@@ -213,7 +214,7 @@ class _AllreduceBench:
                        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
                        "host": os.uname().nodename, "cpus": os.cpu_count(),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": rows}
-                Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+                checkpoint.write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
             return 0 if wrong == 0 else 1
         return 0
 
@@ -395,7 +396,7 @@ class _TrainBench:
                 report["speedup_from_overlap"] = off["time_total_s"] / on["time_total_s"]
             _print_train(report)
             if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+                checkpoint.write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
             return 0
         finally:
             if world.rank == 0 and not user_out:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .comm import faults
 from .errors import ConfigError
 
 ENV_PREFIX = "MPITRAIN_"
@@ -107,8 +108,7 @@ class SyncConfig:
     ledger: bool = key(True, doc="write the per-rank collective ledger (mpitrain diagnose)")
 
 
-FAULT_KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder", "crash", "slow")
-FAULT_PHASES = ("reduce_scatter", "allgather", "exchange", "reduce", "broadcast")
+FAULT_KINDS, FAULT_PHASES = faults.KINDS, faults.PHASES
 
 
 @dataclass(frozen=True)

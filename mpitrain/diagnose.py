@@ -18,6 +18,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from .comm.checks import ranks_text
+
 
 def _load(path: Path) -> tuple[dict, list[dict], list[dict]]:
     header, colls, errors = {}, [], []
@@ -41,8 +43,7 @@ def _name(rec: dict) -> str:
 
 
 def _ranks(rs) -> str:
-    rs = sorted(rs)
-    return ("rank " if len(rs) == 1 else "ranks ") + ", ".join(map(str, rs))
+    return ranks_text(sorted(rs))
 
 
 def first_disagreement(by_rank: dict[int, dict[int, dict]], size: int) -> str | None:
@@ -193,15 +194,3 @@ def diagnose(run_dir: str | Path) -> tuple[str, int]:
         code = 1
     lines += stragglers(by_rank, size)
     return "\n".join(lines), code
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin wrapper
-    import sys
-    args = sys.argv[1:] if argv is None else argv
-    text, code = diagnose(args[0] if args else ".")
-    print(text)
-    return code
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

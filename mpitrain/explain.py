@@ -39,6 +39,7 @@ import numpy as np
 from . import config, data
 from .errors import ConfigError, DataError
 from .model import MLP, activation_backward
+from .model import build as build_model
 from .optim import Optimizer, learning_rate
 
 # --------------------------------------------------------------------------- the chapter's data
@@ -398,13 +399,7 @@ def two_gpu_step(job: str | Path = DEFAULT_JOB) -> dict:
 
 def _replica(cfg, dataset: data.Dataset) -> MLP:
     """A model replica built and initialised exactly as ``train.setup`` does."""
-    m = cfg.model
-    model = MLP(dataset.features, m.layers, m.activation, m.output, m.loss, m.dtype, np)
-    if m.init in ("auto", "he", "xavier", "normal"):
-        model.init(m.init, cfg.run.seed)
-    else:
-        model.load_file(m.init)
-    return model
+    return build_model(cfg.model, dataset.features, cfg.run.seed)
 
 
 def _local_step(model: MLP, x, y, weight: float) -> tuple[dict, float, list[int]]:

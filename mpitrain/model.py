@@ -207,5 +207,20 @@ class MLP:
         return int((out.argmax(axis=1) == target.argmax(axis=1)).sum()), int(out.shape[0])
 
 
+INIT_SCHEMES = ("auto", "he", "xavier", "normal")
+
+
+def build(model_cfg, n_inputs: int, seed: int, xp=np) -> MLP:
+    """The replica a job's ``[model]`` section describes, initialised from ``seed`` (or the
+    ``init`` file): the same parameters on every rank."""
+    m = model_cfg
+    model = MLP(n_inputs, m.layers, m.activation, m.output, m.loss, m.dtype, xp)
+    if m.init in INIT_SCHEMES:
+        model.init(m.init, seed)
+    else:
+        model.load_file(m.init)
+    return model
+
+
 def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") else np.array(a)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checkpoint
 from .errors import ConfigError, MpitrainError
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
@@ -400,7 +401,7 @@ def _main(argv: list[str]) -> int:
                   f"{r['median_rel_error'] * 100:>7.1f}% {r['max_rel_error'] * 100:>7.1f}% "
                   f"{'' if big is None else f'{big * 100:.1f}%':>12}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        checkpoint.write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
     if args.plot:
         plot(report, args.plot)
     return 0

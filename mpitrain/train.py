@@ -29,6 +29,7 @@ from .comm.checks import ReductionError
 from .errors import ConfigError, DataError, DivergenceError, MpitrainError, NumericsError
 from .metrics import EventLog, Metrics
 from .model import MLP
+from .model import build as build_model
 from .optim import Optimizer, learning_rate
 from .sync import GradientSync, verify_replicas
 from .sync import build as build_sync
@@ -107,13 +108,8 @@ def setup(ctx, cfg) -> Setup:
     sampler = data.ShardSampler(train_idx, cfg.data.batch_size, ctx.rank, ctx.size, cfg.run.seed,
                                 cfg.data.shuffle, cfg.data.tail)
     total = cfg.run.steps or cfg.epochs * sampler.steps_per_epoch
-    m = cfg.model
-    model = MLP(dataset.features, m.layers, m.activation, m.output, m.loss, m.dtype, ctx.xp)
-    if m.init in ("auto", "he", "xavier", "normal"):
-        model.init(m.init, cfg.run.seed)
-    else:
-        model.load_file(m.init)
-    _check_fault_rules(cfg, ctx.size, model.n_layers)
+    model = build_model(cfg.model, dataset.features, cfg.run.seed, ctx.xp)
+    _check_fault_rules(cfg, ctx.size, model.n_layers, total)
     optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
     return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
 
@@ -138,14 +134,10 @@ def _check_fits(cfg, dataset: data.Dataset, n_train: int, size: int) -> None:
                              "[data] tail = \"weighted\"")
 
 
-ALGORITHM_PHASES = {"ring": ("reduce_scatter", "allgather"), "recursive_doubling": ("exchange",),
-                    "tree": ("reduce", "broadcast")}
-
-
-def _check_fault_rules(cfg, size: int, n_layers: int) -> None:
+def _check_fault_rules(cfg, size: int, n_layers: int, total_steps: int) -> None:
     """Fault rules must be able to hit something in this job; say why not if they can't."""
     import dataclasses
-    from .comm.faults import MESSAGE_KINDS, plan_from_config
+    from .comm.faults import ALGORITHM_PHASES, COLLECTIVE_KINDS, MESSAGE_KINDS, plan_from_config
     where = f"{cfg.path or 'built-in job'}: [[faults.rules]]"
     try:
         plan_from_config([dataclasses.asdict(r) for r in cfg.faults.rules], cfg.faults.seed)
@@ -160,6 +152,15 @@ def _check_fault_rules(cfg, size: int, n_layers: int) -> None:
             if value is not None and value >= size:
                 raise ConfigError(f"{label}: {key} = {value}, but the job has {size} ranks "
                                   f"(0..{size - 1})")
+        if rule.step is not None and rule.step > total_steps:
+            raise ConfigError(f"{label}: step = {rule.step}, but the run has {total_steps} steps")
+        ignored = ([k for k in ("phase", "chunk", "dst") if getattr(rule, k) is not None]
+                   if rule.kind in COLLECTIVE_KINDS else
+                   (["rank"] if rule.rank is not None else []))
+        if ignored:
+            raise ConfigError(f"{label}: {', '.join(ignored)} cannot apply to this kind: "
+                              f"{'crash and slow act on a rank at the start of a collective' if rule.kind in COLLECTIVE_KINDS else 'message faults pick messages by src and dst'}",
+                              hint="remove the key, or use another kind")
         if rule.layer is not None and rule.layer >= n_layers:
             raise ConfigError(f"{label}: layer = {rule.layer}, but the model has {n_layers} "
                               f"layers (0..{n_layers - 1}, from the input side)")

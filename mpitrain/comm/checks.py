@@ -62,7 +62,8 @@ def _lost_lines(comm, lost, step: int | None) -> list[str]:
     return lines
 
 
-def _ranks(ranks: Sequence[int]) -> str:
+def ranks_text(ranks: Sequence[int]) -> str:
+    """'rank 3' or 'ranks 0, 2'."""
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
@@ -98,8 +99,11 @@ def check_replicas(comm, layers: Sequence[Iterable[np.ndarray]], step: int, lost
         extra = _lost_lines(comm, lost, None)
         if extra:
             msg += " Messages lost: " + "; ".join(extra) + "."
-        err = DivergenceError(msg, hint="lossy delivery lost a message in an allgather/broadcast: "
-                              "only its receiver(s) got the wrong gradient", reporter=0)
+        hint = ("replicas must start equal: every rank must initialise from the same seed or "
+                "the same [model] init file" if step == 0 else
+                "lossy delivery lost a message in an allgather/broadcast: only its receiver(s) "
+                "got the wrong gradient")
+        err = DivergenceError(msg, hint=hint, reporter=0)
         err.step, err.layer, err.ranks, err.groups = step, i, diverged, groups
         raise err
 
@@ -149,12 +153,12 @@ class SumCheck:
         sources = [r for r, (_, o) in enumerate(table) if layer in o]
         seen = [r for r, (b, _) in enumerate(table) if layer in b]
         if sources:
-            msg = (f"step {step}, layer {layer}: the gradient computed by {_ranks(sources)} "
-                   f"holds NaN/Inf, so the averaged gradient is NaN on {_ranks(seen)}")
+            msg = (f"step {step}, layer {layer}: the gradient computed by {ranks_text(sources)} "
+                   f"holds NaN/Inf, so the averaged gradient is NaN on {ranks_text(seen)}")
             hint = "lower [optim] lr or check the data; the optimizer step was not taken"
         else:
             msg = (f"step {step}, layer {layer}: the reduced gradient holds NaN/Inf on "
-                   f"{_ranks(seen)} although every rank's own gradient was finite: a corrupted "
+                   f"{ranks_text(seen)} although every rank's own gradient was finite: a corrupted "
                    f"message carried it in; the optimizer step was not taken")
             hint = ("lossy delivery has no checksums; strict and reliable delivery detect "
                     "corruption by CRC")

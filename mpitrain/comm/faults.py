@@ -37,6 +37,8 @@ KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder", "crash", "slow")
 MESSAGE_KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder")
 COLLECTIVE_KINDS = ("crash", "slow")
 PHASES = ("reduce_scatter", "allgather", "exchange", "reduce", "broadcast")
+ALGORITHM_PHASES = {"ring": ("reduce_scatter", "allgather"), "recursive_doubling": ("exchange",),
+                    "tree": ("reduce", "broadcast")}
 CORRUPT_MODES = ("bitflip", "nan")
 CRASH_EXIT_CODE = 70  # exit status of a rank killed by a "crash" rule
 

@@ -43,14 +43,11 @@ def mpi():
 @dataclass(frozen=True)
 class SlurmInfo:
     job_id: str | None
-    procid: int | None
     restart_count: int
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "SlurmInfo":
-        procid = env.get("SLURM_PROCID")
-        return cls(env.get("SLURM_JOB_ID"), int(procid) if procid else None,
-                   int(env.get("SLURM_RESTART_COUNT") or 0))
+        return cls(env.get("SLURM_JOB_ID"), int(env.get("SLURM_RESTART_COUNT") or 0))
 
 
 class World:
@@ -69,15 +66,21 @@ class World:
         for var in LAUNCHER_SIZE_VARS:
             value = self.env.get(var, "")
             if value.isdigit() and int(value) > 1:
-                lib = mpi().Get_library_version().splitlines()[0].strip()
-                raise LaunchError(
-                    f"the launcher started {value} processes ({var}={value}) but MPI sees a "
-                    f"world of 1: every process is its own rank 0, training {value} separate "
-                    f"copies. mpi4py here uses {lib}; its launcher is "
-                    f"{os.path.join(os.path.dirname(sys.executable), 'mpiexec')}.",
-                    hint="launch with the mpiexec that belongs to mpi4py (or `mpitrain run -n P "
-                         "JOB`), or under Slurm with the matching PMI: srun --mpi=pmi2 for the "
-                         "MPICH wheel, srun --mpi=pmix for Open MPI")
+                self._foreign_launcher(f"the launcher started {value} processes ({var}={value})")
+        procid = self.env.get("SLURM_PROCID", "")
+        if procid.isdigit() and int(procid) > 0:  # srun's task N > 0, yet alone in its world
+            self._foreign_launcher(f"this is task {procid} of a Slurm step (SLURM_PROCID)")
+
+    @staticmethod
+    def _foreign_launcher(what: str) -> None:
+        lib = mpi().Get_library_version().splitlines()[0].strip()
+        raise LaunchError(
+            f"{what} but MPI sees a world of 1: every process is its own rank 0, training a "
+            f"separate copy. mpi4py here uses {lib}; its launcher is "
+            f"{os.path.join(os.path.dirname(sys.executable), 'mpiexec')}.",
+            hint="launch with the mpiexec that belongs to mpi4py (or `mpitrain run -n P JOB`), "
+                 "or under Slurm with the matching PMI: srun --mpi=pmi2 for the MPICH wheel, "
+                 "srun --mpi=pmix for Open MPI")
 
     def all_present(self, timeout: float) -> bool:
         """Collective barrier that gives up after ``timeout`` seconds: are all ranks alive?
@@ -146,18 +149,12 @@ class RankContext:
     rank: int
     size: int
     xp: ModuleType
-    seed: int
     slurm: SlurmInfo
-    env: dict[str, str] = field(repr=False, default_factory=dict)
     _blas_limits: object = field(repr=False, default=None)
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.xp.__name__ == "cupy"
 
     @classmethod
     def create(cls, world: World, cfg, env: dict[str, str]) -> "RankContext":
@@ -169,8 +166,8 @@ class RankContext:
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(limits=cfg.run.blas_threads, user_api="blas")
         xp = _array_module(cfg.run.device, world.rank)
-        return cls(comm=None, rank=world.rank, size=world.size, xp=xp, seed=cfg.run.seed,
-                   slurm=SlurmInfo.from_env(env), env=env, _blas_limits=limits)
+        return cls(comm=None, rank=world.rank, size=world.size, xp=xp,
+                   slurm=SlurmInfo.from_env(env), _blas_limits=limits)
 
     def connect(self, world: World) -> None:
         """Collective: duplicate COMM_WORLD into the harness's own communicator."""

@@ -29,7 +29,6 @@ class Metrics:
     def __init__(self, out: Path, active: bool, progress: str, total_steps: int,
                  log_every: int, start_step: int = 0):
         self.active, self.total, self.log_every = active, total_steps, log_every
-        self.out = out
         self._bar = None
         self._plain = False
         self._metrics = self._events = None

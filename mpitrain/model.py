@@ -202,9 +202,9 @@ class MLP:
                 dz = activation_backward(self.activations[i - 1], z_prev, a_prev_act, da, xp)
             yield i
 
-    def predict_stats(self, out, target) -> tuple[int, int]:
-        """(correct predictions, samples) for classification targets."""
-        return int((out.argmax(axis=1) == target.argmax(axis=1)).sum()), int(out.shape[0])
+    def correct(self, out, target) -> int:
+        """How many rows of ``out`` pick the class ``target`` marks (one-hot or soft labels)."""
+        return int((out.argmax(axis=1) == target.argmax(axis=1)).sum())
 
 
 INIT_SCHEMES = ("auto", "he", "xavier", "normal")

@@ -302,7 +302,7 @@ def _step(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, step: int, e
     if not np.isfinite(loss_sum):
         raise NumericsError(f"rank {ctx.rank}: the loss is {loss_sum} at step {step}",
                             hint="lower [optim] lr, or check the data for NaN/Inf")
-    correct = model.predict_stats(out, y)[0] if s.dataset.classes is not None else 0
+    correct = model.correct(out, y) if s.dataset.classes is not None else 0
     # The step's statistics travel in one small allreduce that overlaps the backward pass;
     # the stop flag in it makes every rank stop at the same step after a signal.
     stats = np.array([loss_sum, correct, len(idx), stop.requested], dtype=np.float64)
@@ -386,7 +386,7 @@ def evaluate(ctx, model: MLP, dataset: data.Dataset, idx: np.ndarray,
         x, y = dataset.batch(part[start:start + chunk], model.dtype, ctx.xp)
         out = model.forward(x)
         loss_sum, _ = model.loss(out, y, 1.0)
-        totals += (loss_sum, model.predict_stats(out, y)[0], len(x))
+        totals += (loss_sum, model.correct(out, y), len(x))
     ctx.comm.Allreduce(MPI.IN_PLACE, totals, MPI.SUM)
     return totals[0] / totals[2], totals[1] / totals[2]
 

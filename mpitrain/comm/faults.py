@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from mpitrain.errors import ConfigError
@@ -118,9 +118,6 @@ class FaultPlan:
         built = tuple(r if isinstance(r, FaultRule) else FaultRule.from_dict(r) for r in rules)
         object.__setattr__(self, "rules", built)
         object.__setattr__(self, "seed", int(seed))
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.rules]
 
 
 class Hit(NamedTuple):

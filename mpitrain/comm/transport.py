@@ -719,11 +719,6 @@ class Transport:
             self.ledger.flush(error=best["message"])
         raise SyncError(best["message"], hint=best["hint"], reporter=best["reporter"])
 
-    def check_errors(self) -> None:
-        """Raise the agreed SyncError if another rank reported one (cheap: one Iprobe)."""
-        if self.comm.Iprobe(MPI.ANY_SOURCE, TAG_ERROR):
-            self._on_remote_error()
-
     def fence(self, step: int) -> None:
         """Deadline-guarded barrier built from transport messages (dissemination).
 

@@ -69,4 +69,25 @@ def args_from_argv():
     p.add_argument("--batch", type=int, default=64, help="per-rank batch")
     p.add_argument("--steps", type=int, default=30, help="measured steps")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of benchmarks/mlp.toml (mpitrain runs only)")
     return p.parse_args(sys.argv[1:])
+
+
+def mlp_job(args, steps: int, prefix: str):
+    """benchmarks/mlp.toml set up exactly as `mpitrain run` does it, in a temporary folder.
+
+    Returns (world, ctx, cfg, prepared, out); the caller runs ``train.run(ctx, cfg, prepared)``.
+    """
+    import tempfile
+    from mpitrain import config, context, train
+    env = context.environment()
+    world = context.World(env)
+    out = world.comm.bcast(tempfile.mkdtemp(prefix=prefix) if world.rank == 0 else None)
+    cfg = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlp.toml"),
+                      [f"data.batch_size={args.batch}", f"run.steps={steps}",
+                       f"run.out={json.dumps(out)}", *args.sets], env)
+    ctx = context.RankContext.create(world, cfg, env)
+    prepared = train.setup(ctx, cfg)
+    ctx.connect(world)
+    return world, ctx, cfg, prepared, out

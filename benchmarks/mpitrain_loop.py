@@ -9,40 +9,22 @@ harness does per step (metrics, checks), not only what it times itself.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sets = []
-argv = []
-it = iter(sys.argv[1:])
-for a in it:
-    if a == "--set":
-        sets.append(next(it))
-    else:
-        argv.append(a)
-sys.argv[1:] = argv
 
 import common  # noqa: E402
-from mpitrain import config, context, train  # noqa: E402
+from mpitrain import train  # noqa: E402
 from mpitrain.metrics import Metrics  # noqa: E402
 
 
 def main() -> int:
     args = common.args_from_argv()
-    env = context.environment()
-    world = context.World(env)
-    out = world.comm.bcast(tempfile.mkdtemp(prefix="mpitrain-cmp-") if world.rank == 0 else None)
-    cfg = config.load(os.path.join(HERE, "mlp.toml"),
-                      [f"data.batch_size={args.batch}", f"run.steps={args.warmup + args.steps + 1}",
-                       f"run.out={json.dumps(out)}", *sets], env)
-    ctx = context.RankContext.create(world, cfg, env)
-    prepared = train.setup(ctx, cfg)
-    ctx.connect(world)
+    world, ctx, cfg, prepared, out = common.mlp_job(args, args.warmup + args.steps + 1,
+                                                    "mpitrain-cmp-")
     stamps = [common.now()]
     original = Metrics.step
 

@@ -10,36 +10,21 @@ from __future__ import annotations
 
 import cProfile
 import io
-import json
 import os
 import pstats
 import sys
-import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sets, argv = [], []
-it = iter(sys.argv[1:])
-for a in it:
-    (sets.append(next(it)) if a == "--set" else argv.append(a))
-sys.argv[1:] = argv
 
 import common  # noqa: E402
-from mpitrain import config, context, train  # noqa: E402
+from mpitrain import train  # noqa: E402
 
 
 def main() -> int:
     args = common.args_from_argv()
-    env = context.environment()
-    world = context.World(env)
-    out = world.comm.bcast(tempfile.mkdtemp(prefix="mpitrain-prof-") if world.rank == 0 else None)
-    cfg = config.load(os.path.join(HERE, "mlp.toml"),
-                      [f"data.batch_size={args.batch}", f"run.steps={args.steps}",
-                       f"run.out={json.dumps(out)}", *sets], env)
-    ctx = context.RankContext.create(world, cfg, env)
-    prepared = train.setup(ctx, cfg)
-    ctx.connect(world)
+    world, ctx, cfg, prepared, out = common.mlp_job(args, args.steps, "mpitrain-prof-")
     prof = cProfile.Profile()
     prof.enable()
     train.run(ctx, cfg, prepared)

@@ -29,6 +29,7 @@ class Metrics:
     def __init__(self, out: Path, active: bool, progress: str, total_steps: int,
                  log_every: int, start_step: int = 0):
         self.active, self.total, self.log_every = active, total_steps, log_every
+        self.out = out
         self._bar = None
         self._plain = False
         self._metrics = self._events = None
@@ -47,6 +48,13 @@ class Metrics:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                              dynamic_ncols=True, file=sys.stderr, mininterval=0.2)
         self._plain = progress == "plain" or (progress == "auto" and not tty)
+
+    def records(self) -> list[dict]:
+        """The metrics records written so far (rank 0; empty elsewhere)."""
+        if not self.active:
+            return []
+        self._metrics.flush()
+        return read_jsonl(self.out / "metrics.jsonl")
 
     def step(self, record: dict) -> None:
         if not self.active:

@@ -246,12 +246,12 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
     """All steps from ``s.start_step + 1``; then the final check and ``model.npz``."""
     spe = s.sampler.steps_per_epoch
     classify = s.dataset.classes is not None
-    epoch_sums = np.zeros(3)      # loss, correct, samples over the epoch so far
+    epoch_sums = _epoch_so_far(metrics, s.start_step, spe)  # loss, correct, samples
     order, order_epoch = None, -1
     record, last_epoch = {}, {}
     for step in range(s.start_step + 1, s.total_steps + 1):
         epoch, k = divmod(step - 1, spe)
-        if epoch != order_epoch:  # (a resumed run may start mid-epoch: its sums restart)
+        if epoch != order_epoch:
             order, order_epoch = s.sampler.epoch_order(epoch), epoch
         record, stop_now = _step(ctx, cfg, s, sync, metrics, step, epoch, k, order, stop)
         metrics.step(record)
@@ -285,6 +285,17 @@ def _loop(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, stop: "_Stop
         checkpoint.write_npz(s.out / "model.npz", s.model.state())
     return {"steps": s.total_steps, "out": str(s.out), "loss": record.get("loss"),
             "val_loss": last_epoch.get("val_loss"), "val_accuracy": last_epoch.get("val_accuracy")}
+
+
+def _epoch_so_far(metrics: Metrics, start_step: int, spe: int) -> np.ndarray:
+    """(loss x samples, correct, samples) of the epoch a resumed run re-enters mid-way, from
+    the step records it kept (rank 0 writes them, and only rank 0 reports epochs)."""
+    sums = np.zeros(3)
+    epoch = start_step // spe
+    for r in metrics.records():
+        if r.get("kind") == "step" and r["epoch"] == epoch and r["step"] <= start_step:
+            sums += (r["loss"] * r["samples"], r.get("correct", 0), r["samples"])
+    return sums
 
 
 def _step(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, step: int, epoch: int,

@@ -124,3 +124,32 @@ def test_a_fresh_start_forgets_an_earlier_run(tmp_path):
     resumed = mpitrain(2, ["run", "--set", "run.steps=3", "--set", f'run.out="{out}"', "--resume"],
                        timeout=60)  # a line cut short by a kill must not break the resume
     assert resumed.returncode == 0, resumed.output
+
+
+def test_metrics_of_a_resumed_run_match_the_uninterrupted_run(tmp_path):
+    """Step and epoch records, compared field by field (timings aside), mid-epoch resume included."""
+    def records(out):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time_", "samples_per"))}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+    common = ["run", "--set", "run.steps=40", "--set", "data.val_fraction=0.1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert mpitrain(2, [*common, "--set", f'run.out="{full}"'], timeout=60).returncode == 0
+    # the same run stopped at step 30 (mid-epoch: 25 steps per epoch), then resumed to 40
+    first = mpitrain(2, ["run", "--set", "run.steps=30", "--set", "data.val_fraction=0.1",
+                         "--set", f'run.out="{cut}"'], timeout=60)
+    assert first.returncode == 0
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("".join(  # drop the early end's epoch record at 30
+        line + "\n" for line in lines if json.loads(line)["step"] != 30
+        or json.loads(line)["kind"] == "step"))
+    assert mpitrain(2, [*common, "--set", f'run.out="{cut}"', "--resume"], timeout=60).returncode == 0
+    want = records(full)
+    got = records(cut)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-12), (k, a, b)
+            else:
+                assert a[k] == b[k], (k, a, b)

@@ -1,4 +1,4 @@
-"""Command line: ``mpitrain run | explain | diagnose``, and top-level error handling.
+"""Command line: ``mpitrain run | explain | diagnose | bench | simulate``; top-level errors.
 
 A user error (:class:`MpitrainError`) becomes one message on stderr, printed by one rank,
 and a non-zero exit on every rank -- never a traceback per rank, never a hang:

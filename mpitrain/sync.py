@@ -9,9 +9,9 @@ Protocol, on every rank, in the same order (collectives must match across ranks)
 
 Each rank hands in gradients already weighted by 1/(samples in the global batch) -- its
 share of the mean -- so the SUM the allreduce computes is the mean over the global batch
-and no extra pass over the gradients is needed (see train.py).  With overlap off, nothing is sent during
-backward and ``finish`` reduces the layers one after another (last layer first), which is
-the reference to measure overlap against.
+and no extra pass over the gradients is needed (see train.py).  With overlap off, nothing
+is sent during backward and ``finish`` reduces the layers one after another (last layer
+first), which is the reference to measure overlap against.
 
 Why poke: MPI implementations without an asynchronous progress thread (MPICH's default)
 only advance a non-blocking collective while the process is inside an MPI call.  Testing
@@ -25,6 +25,11 @@ import time
 
 import numpy as np
 
+from .comm.allreduce import make_allreducer
+from .comm.checks import SumCheck, check_replicas
+from .comm.faults import FaultInjector, plan_from_config
+from .comm.ledger import Ledger
+from .comm.transport import Transport
 
 
 class GradientSync:
@@ -86,7 +91,6 @@ class GradientSync:
                 buf.set(host)
         return waited
 
-
     def verify(self, step: int) -> None:
         """Collective, after ``finish``: the end-to-end checks of this step, if enabled.
 
@@ -122,12 +126,6 @@ def build(ctx, cfg, out, buffers: list, events) -> GradientSync:
     fault and loss as a dict.  Native MPI allreduce gets no transport unless a fault plan
     has rank-level faults (crash, slow), which act at the start of a collective.
     """
-    from .comm.allreduce import make_allreducer
-    from .comm.checks import SumCheck
-    from .comm.faults import FaultInjector, plan_from_config
-    from .comm.ledger import Ledger
-    from .comm.transport import Transport
-
     f = cfg.faults
     rules = [dataclasses.asdict(r) for r in f.rules]
     injector = FaultInjector(plan_from_config(rules, f.seed), ctx.rank, events) if rules else None
@@ -157,5 +155,4 @@ def verify_replicas(comm, params: list, step: int) -> None:
     ``params`` are the per-layer flat parameter buffers (host or GPU); ``step`` 0 means
     before the first step.  Names the first differing layer and the ranks that differ.
     """
-    from .comm.checks import check_replicas
     check_replicas(comm, [[p.get() if hasattr(p, "get") else p] for p in params], step)

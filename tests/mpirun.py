@@ -43,18 +43,29 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float = 120, env: dict[str, str] | None = None,
-        cwd: str | Path | None = None) -> Result:
-    """Run ``cmd`` in a new process group; kill the group and fail on timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env(env), cwd=cwd or REPO, start_new_session=True)
+        cwd: str | Path | None = None, check: bool = False, merge: bool = False,
+        inherit: bool = True) -> Result:
+    """Run ``cmd`` in a new process group; kill the group and fail on timeout.
+
+    ``env`` adds to (or overrides) this process's environment, or with ``inherit=False`` is
+    the whole environment; ``check`` fails the test on a non-zero exit; ``merge`` sends
+    stderr into stdout (one interleaved log).
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                            env=child_env(env) if inherit else env, cwd=cwd or REPO,
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n"
-                    f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}")
-    return Result(proc.returncode, out, err)
+                    f"--- stdout\n{out[-3000:]}\n--- stderr\n{(err or '')[-3000:]}")
+    res = Result(proc.returncode, out, err or "")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{res.output[-6000:]}")
+    return res
 
 
 def mpiexec(nprocs: int, args: list[str], timeout: float = 120,

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from mpirun import Result, run
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -29,20 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def sh(cmd: list[str], timeout: float = 600, check: bool = True,
-       env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run cmd in its own process group; kill the group and fail on timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO, start_new_session=True, env=env)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-    res = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{out[-6000:]}")
-    return res
+       env: dict[str, str] | None = None) -> Result:
+    """Run cmd in its own process group (stderr into stdout); fail on timeout or error."""
+    return run(cmd, timeout=timeout, env=env, check=check, merge=True)
 
 
 def _find_engine() -> str | None:
@@ -112,7 +101,7 @@ RUN_OPTS = ["--rm", "--network=none", "--ulimit", "nofile=4096:4096",
 
 
 def run_in_image(engine: str, tag: str, out: Path, args: list[str],
-                 timeout: float = 300) -> subprocess.CompletedProcess:
+                 timeout: float = 300) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     return sh([engine, "run", *RUN_OPTS, "-v", f"{out}:/out", tag, *args],
               timeout=timeout, check=False)

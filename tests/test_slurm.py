@@ -15,14 +15,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mpirun import Result, run
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
@@ -48,20 +48,9 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def sh(cmd: list[str], timeout: float = 60, env: dict[str, str] | None = None,
-       check: bool = True) -> subprocess.CompletedProcess:
-    """Run cmd in its own process group; kill the group and fail on timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or _env(), cwd=REPO, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}")
-    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}")
-    return res
+       check: bool = True) -> Result:
+    """Run cmd in its own process group; fail on timeout (and on error with ``check``)."""
+    return run(cmd, timeout=timeout, env=env or _env(), check=check, inherit=False)
 
 
 def _why_no_slurm() -> str | None:

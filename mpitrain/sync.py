@@ -44,6 +44,7 @@ class GradientSync:
         self.allreducer, self.buffers, self.overlap = allreducer, buffers, overlap
         self.transport, self.sum_check = transport, sum_check
         self.step = 0
+        self._fenced = 0  # the last step fenced: no transport traffic since
         self._pending: list[tuple[int, object]] = []
         # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
         self._host = [_pinned_like(b) for b in buffers] if _on_gpu(buffers) else None
@@ -101,15 +102,16 @@ class GradientSync:
             comm = self.transport.comm
             # The checks use native collectives: a rank that failed in the transport must
             # be heard of first, or the others would wait for it inside MPI forever.
-            self.transport.fence(step)
+            self.fence(step)
             self.sum_check.verify_finite(comm, step)
             self.sum_check.verify(comm, step, self.transport.lost)
 
     def fence(self, step: int) -> None:
         """Collective: before a native collective that follows own-algorithm traffic, make
         sure no rank is failing (a rank that is would otherwise leave the others in MPI)."""
-        if self.transport is not None:
+        if self.transport is not None and self._fenced != step:
             self.transport.fence(step)
+            self._fenced = step
 
     def close(self) -> dict:
         """Finish outstanding transport work; return the transport's counters (or {})."""

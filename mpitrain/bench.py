@@ -134,6 +134,9 @@ def allreduce_parser() -> argparse.ArgumentParser:
                         "algorithms run fewer iterations (at least 3); 0 = no cap")
     p.add_argument("--deadline", type=float, default=60.0,
                    help="transport receive deadline in seconds (own algorithms)")
+    p.add_argument("--checksum", default="crc32c", choices=("crc32c", "none", "both"),
+                   help="message checksums of the own algorithms ([faults] checksum); both: "
+                        "run each own algorithm with and without (rows 'ALG' and 'ALG:nosum')")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -198,7 +201,7 @@ class _AllreduceBench:
             rows = run_allreduce_sweep(ctx.comm, algos, dtype, counts, args.iters, args.warmup,
                                        args.deadline, args.max_seconds,
                                        print_row=_print_row if ctx.rank == 0 else None,
-                                       header=ctx.rank == 0)
+                                       header=ctx.rank == 0, checksum=args.checksum)
         finally:
             ctx.close()
         if world.rank == 0:
@@ -220,8 +223,12 @@ class _AllreduceBench:
 
 
 def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60.0,
-                        max_seconds=0.0, print_row=None, header=False) -> list[dict]:
-    """Collective: time every (algorithm, count) pair on ``comm``; rows (same on every rank)."""
+                        max_seconds=0.0, print_row=None, header=False,
+                        checksum: str = "crc32c") -> list[dict]:
+    """Collective: time every (algorithm, count) pair on ``comm``; rows (same on every rank).
+
+    ``checksum``: "crc32c" or "none" for the own algorithms' messages, or "both" (each own
+    algorithm twice; rows carry ``checksum``)."""
     from mpi4py import MPI
     from .comm.allreduce import make_allreducer
     from .comm.transport import Transport
@@ -233,9 +240,12 @@ def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60
         print(f"# {'size(B)':>12} {'count':>10} {'type':>8} {'algorithm':>18} "
               f"{'time(us)':>10} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>7} "
               f"{'redtime(us)':>11}", flush=True)
-    for algo in algos:
+    sums = ["crc32c", "none"] if checksum == "both" else [checksum]
+    runs = [(a, "-" if a == "native" else c) for a in algos for c in (["-"] if a == "native" else sums)]
+    for algo, csum in runs:
         transport = None if algo == "native" else Transport(comm, delivery="strict",
-                                                            deadline_s=deadline_s)
+                                                            deadline_s=deadline_s,
+                                                            checksum=csum != "none")
         ar = make_allreducer(algo, comm, transport)
         for li, count in enumerate(counts):
             src = fill_pattern(rank, count, dtype)
@@ -271,7 +281,8 @@ def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60
             redt = comm.allreduce(statistics.median(red), op=MPI.MAX)
             nbytes = count * dtype.itemsize
             algbw = nbytes / t / 1e9
-            row = {"algorithm": algo, "bytes": nbytes, "count": count, "dtype": dtype.name,
+            row = {"algorithm": algo, "checksum": csum, "bytes": nbytes, "count": count,
+                   "dtype": dtype.name,
                    "ranks": size, "time_s": t, "time_us": t * 1e6, "min_time_s": tmin,
                    "iters": len(times), "algbw_GBps": algbw,
                    "busbw_GBps": algbw * 2 * (size - 1) / size, "wrong": wrong,
@@ -286,7 +297,8 @@ def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60
 
 
 def _print_row(r: dict) -> None:
-    print(f"  {r['bytes']:>12} {r['count']:>10} {r['dtype']:>8} {r['algorithm']:>18} "
+    label = r["algorithm"] + (":nosum" if r.get("checksum") == "none" else "")
+    print(f"  {r['bytes']:>12} {r['count']:>10} {r['dtype']:>8} {label:>18} "
           f"{r['time_us']:>10.1f} {r['algbw_GBps']:>11.4f} {r['busbw_GBps']:>11.4f} "
           f"{r['wrong']:>7} {r['reduce_s'] * 1e6:>11.1f}", flush=True)
 

@@ -106,6 +106,9 @@ class SyncConfig:
     overlap: bool = key(True, doc="start each layer's allreduce during backward")
     check_every: int = key(100, lo=0, doc="steps between replica hash checks (0: start and end)")
     ledger: bool = key(True, doc="write the per-rank collective ledger (mpitrain diagnose)")
+    bucket_bytes: int = key(0, lo=0, doc="fuse consecutive layers (last first) into one "
+                                         "allreduce until it holds at least this many bytes "
+                                         "of gradients; 0: one allreduce per layer")
 
 
 FAULT_KINDS, FAULT_PHASES = faults.KINDS, faults.PHASES
@@ -133,6 +136,9 @@ class FaultsConfig:
     deadline_ms: float = key(10000.0, lo=0.0, lo_open=True)
     seed: int = key(0, lo=0)
     on_divergence: str = key("error", choices=("error", "warn"), doc="lossy mode")
+    checksum: str = key("crc32c", choices=("crc32c", "none"),
+                        doc="end-to-end checksum of every message in strict and reliable "
+                            "delivery (lossy never checksums); none trusts MPI's own delivery")
     rules: list[FaultRuleConfig] = key([])
 
 
@@ -381,6 +387,11 @@ def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> Non
     if cfg.data.path and cfg.data.source != "file":
         raise ConfigError(f"{where('data', 'path')}: [data] path is only read with "
                           f"source = \"file\" (source is \"{cfg.data.source}\")")
+    if cfg.faults.checksum == "none" and cfg.faults.delivery == "reliable":
+        src = origin.get(("faults", "checksum")) or origin.get(("faults", "delivery"), default_where)
+        raise ConfigError(f"{src}: [faults] delivery = \"reliable\" needs checksum = "
+                          f"\"crc32c\": it detects corrupted messages by their checksum to "
+                          f"resend them")
     try:
         cfg.out_dir()
     except (KeyError, IndexError, ValueError) as exc:

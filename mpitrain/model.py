@@ -9,7 +9,9 @@ Conventions (those of the parameter files and of the chapter):
 * each layer keeps its parameters -- and its gradients -- in ONE flat contiguous buffer,
   with the weight and bias as views into it.  Backward writes a layer's gradients straight
   into its buffer, which is exactly what the synchronizer reduces (no packing copy) and what
-  the optimizer updates in one pass.
+  the optimizer updates in one pass.  The gradient buffers are themselves views into one
+  arena, last layer first, so any run of consecutive layers is one contiguous slice
+  (:meth:`MLP.grad_span`): a fused allreduce of several layers needs no packing either.
 
 ``backward`` is a generator that yields each layer's index as soon as that layer's gradients
 exist, last layer first, so the caller can start the layer's allreduce while the backward
@@ -36,7 +38,11 @@ class LayerBuffer:
 
     @classmethod
     def zeros(cls, fan_in: int, fan_out: int, dtype, xp) -> "LayerBuffer":
-        flat = xp.zeros(fan_in * fan_out + fan_out, dtype=dtype)
+        return cls.over(xp.zeros(fan_in * fan_out + fan_out, dtype=dtype), fan_in, fan_out)
+
+    @classmethod
+    def over(cls, flat, fan_in: int, fan_out: int) -> "LayerBuffer":
+        """Weight and bias views of ``flat`` (fan_in*fan_out + fan_out elements)."""
         return cls(flat, flat[:fan_in * fan_out].reshape(fan_in, fan_out), flat[fan_in * fan_out:])
 
 
@@ -75,12 +81,24 @@ class MLP:
         self.loss_name = loss
         shapes = list(zip(self.sizes[:-1], self.sizes[1:]))
         self.params = [LayerBuffer.zeros(i, o, self.dtype, xp) for i, o in shapes]
-        self.grads = [LayerBuffer.zeros(i, o, self.dtype, xp) for i, o in shapes]
+        # gradients: one arena, last layer first (see the module docstring)
+        sizes = [i * o + o for i, o in shapes]
+        self.grad_arena = xp.zeros(sum(sizes), dtype=self.dtype)
+        self._grad_start = [sum(sizes[k + 1:]) for k in range(len(sizes))]
+        self.grads = [LayerBuffer.over(self.grad_arena[a:a + n], i, o)
+                      for a, n, (i, o) in zip(self._grad_start, sizes, shapes)]
         self._cache: list = []
 
     @property
     def n_layers(self) -> int:
         return len(self.params)
+
+    def grad_span(self, lo: int, hi: int):
+        """The gradients of layers ``lo..hi`` (inclusive) as one contiguous 1-D view.
+
+        The arena holds them last layer first: layer ``hi`` at the front, ``lo`` at the end.
+        """
+        return self.grad_arena[self._grad_start[hi]:self._grad_start[lo] + self.grads[lo].flat.size]
 
     # ------------------------------------------------------------------ parameters
     def init(self, scheme: str, seed: int) -> None:

@@ -13,6 +13,13 @@ and no extra pass over the gradients is needed (see train.py).  With overlap off
 is sent during backward and ``finish`` reduces the layers one after another (last layer
 first), which is the reference to measure overlap against.
 
+Buckets (``[sync] bucket_bytes``): consecutive layers can be fused into one allreduce, so
+small layers stop paying a collective's latency each (the model keeps its gradients in one
+arena, last layer first, so a bucket is a contiguous slice: no packing).  A bucket starts
+once its lowest layer is ready and is *named by that layer* in messages, fault rules, the
+ledger and errors; the end-to-end sum checks stay per layer.  With the default 0 every layer
+is its own bucket: one allreduce per layer.
+
 Why poke: MPI implementations without an asynchronous progress thread (MPICH's default)
 only advance a non-blocking collective while the process is inside an MPI call.  Testing
 the outstanding requests between layers lets layer k's reduction run during the backward
@@ -33,63 +40,83 @@ from .comm.transport import Transport
 
 
 class GradientSync:
-    """Averages a fixed list of flat gradient buffers across ranks, layer by layer.
+    """Averages a fixed list of flat gradient buffers across ranks, one bucket at a time.
 
-    ``transport`` (own algorithms) and ``sum_check`` (lossy delivery, fault plans) are
-    optional; see :func:`build`.
+    ``buffers[i]`` is layer i's flat gradient.  ``buckets`` lists the fused allreduces as
+    ``(lo, hi, span)``, last layer first, ``span`` being one contiguous view over the
+    gradients of layers lo..hi (see :func:`plan_buckets`); by default every layer is its
+    own bucket.  A bucket starts when layer ``lo`` -- the last of its layers that backward
+    finishes -- is ready, and is named by ``lo``.  ``transport`` (own algorithms) and
+    ``sum_check`` (lossy delivery, fault plans) are optional; see :func:`build`.
     """
 
     def __init__(self, allreducer, buffers: list, overlap: bool = True,
-                 transport=None, sum_check=None):
+                 transport=None, sum_check=None, buckets: list | None = None):
         self.allreducer, self.buffers, self.overlap = allreducer, buffers, overlap
         self.transport, self.sum_check = transport, sum_check
+        self.buckets = buckets or [(i, i, buffers[i]) for i in range(len(buffers) - 1, -1, -1)]
+        self._by_lo = {lo: k for k, (lo, _, _) in enumerate(self.buckets)}
         self.step = 0
         self._fenced = 0  # the last step fenced: no transport traffic since
-        self._pending: list[tuple[int, object]] = []
+        self._pending: list = []
         # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
-        self._host = [_pinned_like(b) for b in buffers] if _on_gpu(buffers) else None
+        self._host = [_pinned_like(span) for _, _, span in self.buckets] if _on_gpu(buffers) else None
+        self._layer_wire = self._layer_views(self._host) if self._host else list(buffers)
 
-    def _wire(self, layer: int):
-        """The buffer MPI sees for ``layer``: the gradient itself, or its host copy."""
-        if self._host is None:
-            wire = self.buffers[layer]
-        else:
-            wire = self._host[layer]
-            self.buffers[layer].get(out=wire)
+    def _layer_views(self, spans: list) -> list:
+        """Per-layer views into the bucket-sized ``spans`` (layers lie last first in a span)."""
+        views = [None] * len(self.buffers)
+        for (lo, hi, _), span in zip(self.buckets, spans):
+            at = 0
+            for layer in range(hi, lo - 1, -1):
+                n = self.buffers[layer].size
+                views[layer], at = span[at:at + n], at + n
+        return views
+
+    def _start(self, k: int):
+        """Start bucket ``k``'s allreduce on the buffer MPI sees: the span, or its host copy."""
+        lo, hi, wire = self.buckets[k]
+        if self._host is not None:
+            wire.get(out=self._host[k])
+            wire = self._host[k]
         if self.sum_check is not None:
-            self.sum_check.before(layer, wire)
-        return wire
+            for layer in range(lo, hi + 1):
+                self.sum_check.before(layer, self._layer_wire[layer])
+        return self.allreducer.start(wire, self.step, lo)
 
     def begin(self, step: int) -> None:
-        """Start a step: no layer is outstanding."""
+        """Start a step: no bucket is outstanding."""
         assert not self._pending, "finish() was not called for the previous step"
         self.step = step
 
     def layer_ready(self, layer: int) -> None:
-        """Layer ``layer``'s gradients are final; with overlap on, start its allreduce."""
+        """Layer ``layer``'s gradients are final; with overlap on, start its bucket's
+        allreduce if this was the bucket's last layer to be ready, and poke the others."""
         if not self.overlap:
             return
-        self._pending.append((layer, self.allreducer.start(self._wire(layer), self.step, layer)))
-        for _, handle in self._pending:
+        k = self._by_lo.get(layer)
+        if k is not None:
+            self._pending.append(self._start(k))
+        for handle in self._pending:
             self.allreducer.test(handle)
 
     def finish(self) -> float:
-        """Complete every layer's reduction (the global mean); return the seconds waited."""
+        """Complete every bucket's reduction (the global mean); return the seconds waited."""
         t0 = time.perf_counter()
         if self.overlap:
-            for _, handle in self._pending:
+            for handle in self._pending:
                 self.allreducer.wait(handle)
         else:
-            for layer in range(len(self.buffers) - 1, -1, -1):
-                self.allreducer.wait(self.allreducer.start(self._wire(layer), self.step, layer))
+            for k in range(len(self.buckets)):
+                self.allreducer.wait(self._start(k))
         self._pending.clear()
         waited = time.perf_counter() - t0
         if self.sum_check is not None:
-            for layer, wire in enumerate(self._host or self.buffers):
+            for layer, wire in enumerate(self._layer_wire):
                 self.sum_check.after(layer, wire)
         if self._host is not None:
-            for buf, host in zip(self.buffers, self._host):
-                buf.set(host)
+            for (_, _, span), host in zip(self.buckets, self._host):
+                span.set(host)
         return waited
 
     def verify(self, step: int) -> None:
@@ -121,8 +148,27 @@ class GradientSync:
         return dict(self.transport.stats)
 
 
-def build(ctx, cfg, out, buffers: list, events) -> GradientSync:
-    """The synchronizer a job asks for: algorithm, transport, fault plan, ledger, checks.
+def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
+    """Group layers into fused allreduces: ``(lo, hi)`` layer ranges, last layer first.
+
+    ``nbytes[i]`` is layer i's gradient size.  Walking from the last layer to the first, a
+    bucket takes layers until their gradients hold at least ``bucket_bytes``; the bucket of
+    layer 0 takes what is left.  0 gives one bucket per layer.  So small layers ride with
+    their neighbours instead of each paying a collective's latency, and a big layer closes
+    its bucket at once (its allreduce still starts as soon as it is ready).
+    """
+    buckets, hi, held = [], len(nbytes) - 1, 0
+    for layer in range(len(nbytes) - 1, -1, -1):
+        held += nbytes[layer]
+        if held >= bucket_bytes or layer == 0:
+            buckets.append((layer, hi))
+            hi, held = layer - 1, 0
+    return buckets
+
+
+def build(ctx, cfg, out, model, events) -> GradientSync:
+    """The synchronizer a job asks for: buckets, algorithm, transport, fault plan, ledger,
+    checks, for the gradients of ``model``.
 
     Collective (the ledger measures clock offsets).  ``events`` receives each injected
     fault and loss as a dict.  Native MPI allreduce gets no transport unless a fault plan
@@ -135,11 +181,15 @@ def build(ctx, cfg, out, buffers: list, events) -> GradientSync:
     transport = None
     if cfg.sync.algorithm != "native" or injector is not None:
         transport = Transport(ctx.comm, delivery=f.delivery, deadline_s=f.deadline_ms / 1e3,
-                              injector=injector, ledger=ledger, events=events)
+                              injector=injector, ledger=ledger, events=events,
+                              checksum=f.checksum != "none")
     allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, transport, ledger=ledger,
                                  deadline_s=f.deadline_ms / 1e3)
     checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
-    return GradientSync(allreducer, buffers, cfg.sync.overlap, transport, checks)
+    buffers = [g.flat for g in model.grads]
+    buckets = [(lo, hi, model.grad_span(lo, hi))
+               for lo, hi in plan_buckets([b.nbytes for b in buffers], cfg.sync.bucket_bytes)]
+    return GradientSync(allreducer, buffers, cfg.sync.overlap, transport, checks, buckets)
 
 
 def _on_gpu(buffers: list) -> bool:

@@ -84,7 +84,7 @@ def run(ctx, cfg, s: "Setup", resume: bool = False) -> dict:
     stop = _StopSignal()
     try:
         verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
-        sync = build_sync(ctx, cfg, s.out, [g.flat for g in s.model.grads], fault_log)
+        sync = build_sync(ctx, cfg, s.out, s.model, fault_log)
         summary = _loop(ctx, cfg, s, sync, metrics, stop)
         _report_transport(ctx, sync.close(), metrics, s.total_steps)
     finally:
@@ -109,7 +109,7 @@ def setup(ctx, cfg) -> Setup:
                                 cfg.data.shuffle, cfg.data.tail)
     total = cfg.run.steps or cfg.epochs * sampler.steps_per_epoch
     model = build_model(cfg.model, dataset.features, cfg.run.seed, ctx.xp)
-    _check_fault_rules(cfg, ctx.size, model.n_layers, total)
+    _check_fault_rules(cfg, ctx.size, model, total)
     optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
     return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
 
@@ -134,10 +134,13 @@ def _check_fits(cfg, dataset: data.Dataset, n_train: int, size: int) -> None:
                              "[data] tail = \"weighted\"")
 
 
-def _check_fault_rules(cfg, size: int, n_layers: int, total_steps: int) -> None:
+def _check_fault_rules(cfg, size: int, model, total_steps: int) -> None:
     """Fault rules must be able to hit something in this job; say why not if they can't."""
     import dataclasses
     from .comm.faults import ALGORITHM_PHASES, COLLECTIVE_KINDS, MESSAGE_KINDS, plan_from_config
+    from .sync import plan_buckets
+    n_layers = model.n_layers
+    buckets = plan_buckets([g.flat.nbytes for g in model.grads], cfg.sync.bucket_bytes)
     where = f"{cfg.path or 'built-in job'}: [[faults.rules]]"
     try:
         plan_from_config([dataclasses.asdict(r) for r in cfg.faults.rules], cfg.faults.seed)
@@ -164,6 +167,13 @@ def _check_fault_rules(cfg, size: int, n_layers: int, total_steps: int) -> None:
         if rule.layer is not None and rule.layer >= n_layers:
             raise ConfigError(f"{label}: layer = {rule.layer}, but the model has {n_layers} "
                               f"layers (0..{n_layers - 1}, from the input side)")
+        fused = next(((lo, hi) for lo, hi in buckets if lo < (rule.layer or 0) <= hi), None)
+        if rule.layer is not None and fused is not None:
+            raise ConfigError(f"{label}: layer = {rule.layer} travels in the fused allreduce of "
+                              f"layers {fused[0]}..{fused[1]} ([sync] bucket_bytes = "
+                              f"{cfg.sync.bucket_bytes}), which is named by its lowest layer",
+                              hint=f"use layer = {fused[0]}, or set [sync] bucket_bytes = 0 "
+                                   f"(one allreduce per layer)")
         if rule.kind in MESSAGE_KINDS and alg == "native":
             raise ConfigError(f"{label}: message faults act on the harness's own allreduce "
                               f"algorithms; [sync] algorithm = \"native\" is MPI's allreduce, "

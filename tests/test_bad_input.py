@@ -23,6 +23,13 @@ CASES = [
     ("[model]\nlayers = [16, 3]\n", [], ["[model] layers ends with 3 outputs", "10 classes"]),
     ("[faults]\nrules = [{kind = \"explode\"}]\n", [], ["[faults.rules[0]] kind = \"explode\"", "'drop', 'delay'"]),
     ("this is = not toml [", [], ["not valid TOML"]),
+    ("[faults]\ndelivery = \"reliable\"\nchecksum = \"none\"\n", [],
+     ["[faults] delivery = \"reliable\" needs checksum = \"crc32c\""]),
+    # digits: layer 1 (650 float32 = 2600 B) is fused with layer 0 at bucket_bytes = 4096
+    ("[sync]\nalgorithm = \"ring\"\nbucket_bytes = 4096\n[faults]\n"
+     "rules = [{kind = \"drop\", layer = 1}]\n", [],
+     ["rule 0 (kind = \"drop\"): layer = 1 travels in the fused allreduce of layers 0..1 "
+      "([sync] bucket_bytes = 4096), which is named by its lowest layer", "use layer = 0"]),
 ]
 
 

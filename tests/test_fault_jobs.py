@@ -163,6 +163,17 @@ def test_a_nan_message_is_caught_before_the_optimizer_step(tmp_path):
     assert max(steps) == 2, "step 3 must not have been applied"
 
 
+def test_without_checksums_strict_delivery_lets_a_nan_in_and_the_end_to_end_check_stops_it(tmp_path):
+    res = job("corrupt", tmp_path, 2, "--set", 'faults.checksum="none"', "--set",
+              'faults.rules=[{kind="corrupt", corrupt="nan", step=3, layer=0}]')
+    assert res.returncode == 3
+    msg = one_error(res)
+    assert "step 3, layer 0: the reduced gradient holds NaN/Inf on" in msg
+    assert "[faults] checksum = \"none\"" in res.stderr  # the hint says why nothing caught it
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2, "step 3 must not have been applied"
+
+
 @pytest.mark.parametrize("nprocs", RANKS)
 def test_a_straggler_is_named_by_diagnose(tmp_path, nprocs):
     res = job("straggler", tmp_path, nprocs)

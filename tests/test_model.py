@@ -114,3 +114,24 @@ def test_momentum_is_the_heavy_ball_update():
     opt.step([np.array([1.0, -1.0])], 0.1)
     # v1 = g, v2 = 0.9 g + g; p = p0 - 0.1 (v1 + v2)
     np.testing.assert_allclose(p, [1.0 - 0.1 * (1 + 1.9), 2.0 + 0.1 * (1 + 1.9)])
+
+
+def test_gradients_lie_in_one_arena_so_consecutive_layers_are_one_slice():
+    model = MLP(5, [7, 6, 3], "relu", "softmax", "cross_entropy", "float64")
+    for i, g in enumerate(model.grads):  # views, not copies: backward writes land in the arena
+        g.flat[...] = i + 1
+    assert np.shares_memory(model.grad_span(0, 2), model.grad_arena)
+    assert model.grad_span(0, 2).size == model.grad_arena.size
+    for lo, hi in [(0, 0), (1, 2), (0, 1), (2, 2)]:
+        want = np.concatenate([model.grads[i].flat for i in range(hi, lo - 1, -1)])
+        np.testing.assert_array_equal(model.grad_span(lo, hi), want)
+
+
+def test_buckets_fill_from_the_last_layer_until_they_hold_bucket_bytes():
+    from mpitrain.sync import plan_buckets
+    sizes = [240, 280, 144, 16]  # bytes of layers 0..3
+    assert plan_buckets(sizes, 0) == [(3, 3), (2, 2), (1, 1), (0, 0)]
+    assert plan_buckets(sizes, 150) == [(2, 3), (1, 1), (0, 0)]
+    assert plan_buckets(sizes, 300) == [(1, 3), (0, 0)]
+    assert plan_buckets(sizes, 500) == [(0, 3)]  # what is left joins layer 0's bucket
+    assert plan_buckets(sizes, 10**9) == [(0, 3)]

@@ -3,6 +3,8 @@
 The reference below is written independently of mpitrain's model and optimizer: per-sample
 gradients by the chain rule in plain NumPy loops, float64, and textbook SGD / Adam.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,22 @@ def test_shuffled_runs_do_not_depend_on_the_rank_count(problem):
     b = run_ranks(problem, 4, "shuffle-4", "--set", "data.shuffle=true")
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-9, atol=1e-12)
+
+
+# float64 gradient bytes of LAYERS = [6, 5, 3] after 4 inputs: layer 0 240, 1 280, 2 144
+@pytest.mark.parametrize("algorithm", ["native", "ring", "tree"])
+@pytest.mark.parametrize("bucket_bytes,fused", [(300, [(1, 2), (0, 0)]), (10**6, [(0, 2)])])
+def test_fused_buckets_train_the_same(problem, algorithm, bucket_bytes, fused):
+    root, _, x, t, params = problem
+    batches = [np.arange(k * 16, k * 16 + 16) for k in (0, 1, 2, 3, 4, 5, 0, 1)]
+    want = reference_train(params, x, t, batches, "sgd", 0.5)
+    name = f"bucket-{algorithm}-{bucket_bytes}"
+    got = run_ranks(problem, 4, name, "--set", 'optim.name="sgd"', "--set", "optim.lr=0.5",
+                    "--set", f'sync.algorithm="{algorithm}"',
+                    "--set", f"sync.bucket_bytes={bucket_bytes}")
+    assert_matches(got, want)
+    # one collective per bucket, named by its lowest layer, of the bucket's bytes
+    sizes = {0: 240, 1: 280, 2: 144}
+    records = [json.loads(line) for line in (root / name / "ledger-rank0.jsonl").read_text().splitlines()]
+    step1 = [(r["layer"], r["bytes"]) for r in records if r.get("step") == 1]
+    assert step1 == [(lo, sum(sizes[i] for i in range(lo, hi + 1))) for lo, hi in fused]

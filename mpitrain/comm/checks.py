@@ -160,7 +160,8 @@ class SumCheck:
             msg = (f"step {step}, layer {layer}: the reduced gradient holds NaN/Inf on "
                    f"{ranks_text(seen)} although every rank's own gradient was finite: a corrupted "
                    f"message carried it in; the optimizer step was not taken")
-            hint = ("lossy delivery has no checksums; strict and reliable delivery detect "
+            hint = ("the messages carried no checksum (lossy delivery, or [faults] checksum "
+                    "= \"none\"); strict and reliable delivery with checksums detect "
                     "corruption by CRC")
         self._local.clear()
         self._reduced.clear()

@@ -493,16 +493,7 @@ class Transport:
                        PHASE_CODES[mid.phase], mid.chunk, src, mid.dst) \
                 or hdr[_H_NBYTES] != nbytes or (body is not None and body.size != nbytes) \
                 or (flags & _SUM_FLAGS) != self._crcflag:
-            if hdr[:9] == (_MAGIC, seq, mid.step, mid.layer, ALGORITHM_CODES[mid.algorithm],
-                           PHASE_CODES[mid.phase], mid.chunk, src, mid.dst) \
-                    and hdr[_H_NBYTES] == nbytes and body is not None and body.size == nbytes:
-                self._fail(2, f"rank {self.rank} and rank {src} use different message checksums "
-                           f"({mid.where()})", "set the same [faults] checksum and install the "
-                           "same mpitrain dependencies (crc32c) on every rank")
-            self._fail(2, f"rank {self.rank} received a message from rank {src} that is not "
-                       f"the one expected ({mid.where()}): header {list(hdr[:11])}",
-                       "the ranks do not run the same sequence of collectives "
-                       "(different layer sizes, order or algorithm)")
+            self._mismatch(mid, seq, nbytes, hdr, body)
         dest = out.view(np.uint8) if out is not None else None
         if body is None:
             body = self._body(mid, nbytes, dest)
@@ -519,6 +510,20 @@ class Transport:
         if self.reliable:
             self._ack(src, seq)
         return body
+
+    def _mismatch(self, mid: MessageId, seq: int, nbytes: int, hdr: tuple, body) -> None:
+        """The packet in sequence is not ``mid``'s, or its checksum kind differs: fail."""
+        src = mid.src
+        if hdr[:9] == (_MAGIC, seq, mid.step, mid.layer, ALGORITHM_CODES[mid.algorithm],
+                       PHASE_CODES[mid.phase], mid.chunk, src, mid.dst) \
+                and hdr[_H_NBYTES] == nbytes and (body is None or body.size == nbytes):
+            self._fail(2, f"rank {self.rank} and rank {src} use different message checksums "
+                       f"({mid.where()})", "set the same [faults] checksum and install the "
+                       "same mpitrain dependencies (crc32c) on every rank")
+        self._fail(2, f"rank {self.rank} received a message from rank {src} that is not "
+                   f"the one expected ({mid.where()}): header {list(hdr[:11])}",
+                   "the ranks do not run the same sequence of collectives "
+                   "(different layer sizes, order or algorithm)")
 
     def _ack(self, src: int, upto: int) -> None:
         buf = np.array([upto], np.int64)

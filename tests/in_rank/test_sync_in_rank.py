@@ -48,6 +48,34 @@ def test_gradient_sync_sums_every_layer(comm, algorithm, overlap):
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_fused_buckets_sum_every_layer(comm, algorithm, overlap):
+    from mpitrain.model import MLP
+    from mpitrain.sync import plan_buckets
+    rank, size = comm.Get_rank(), comm.Get_size()
+    model = MLP(3, [4, 1, 5, 2], dtype="float64")  # gradient bytes 128, 40, 80, 96
+    for g, want in zip(model.grads, rank_buffers(rank, [g.flat.size for g in model.grads], np.float64)):
+        g.flat[...] = want
+    buckets = [(lo, hi, model.grad_span(lo, hi)) for lo, hi in plan_buckets(
+        [g.flat.nbytes for g in model.grads], 150)]
+    assert [(lo, hi) for lo, hi, _ in buckets] == [(2, 3), (0, 1)]
+    transport = None if algorithm == "native" else Transport(comm, deadline_s=20)
+    grads = [g.flat for g in model.grads]
+    sync = GradientSync(make_allreducer(algorithm, comm, transport), grads, overlap, transport,
+                        buckets=buckets)
+    sync.begin(1)
+    for layer in reversed(range(len(grads))):
+        sync.layer_ready(layer)
+    sync.finish()
+    for got in grads:
+        want = sum(np.arange(got.size) * (r + 1) + 0.5 * r for r in range(size))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    if transport is not None:
+        transport.close()
+
+
+@pytest.mark.mpi(min_size=2)
 def test_replica_check_names_the_rank_that_differs(comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     params = [np.ones(5), np.ones(3)]

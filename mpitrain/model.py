@@ -225,6 +225,24 @@ class MLP:
         return int((out.argmax(axis=1) == target.argmax(axis=1)).sum())
 
 
+def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
+    """Group layers into fused allreduces: ``(lo, hi)`` layer ranges, last layer first.
+
+    ``nbytes[i]`` is layer i's gradient size.  Walking from the last layer to the first, a
+    bucket takes layers until their gradients hold at least ``bucket_bytes``; the bucket of
+    layer 0 takes what is left.  0 gives one bucket per layer.  So small layers ride with
+    their neighbours instead of each paying a collective's latency, and a big layer closes
+    its bucket at once.  Each bucket is one slice of the gradient arena (:meth:`MLP.grad_span`).
+    """
+    buckets, hi, held = [], len(nbytes) - 1, 0
+    for layer in range(len(nbytes) - 1, -1, -1):
+        held += nbytes[layer]
+        if held >= bucket_bytes or layer == 0:
+            buckets.append((layer, hi))
+            hi, held = layer - 1, 0
+    return buckets
+
+
 INIT_SCHEMES = ("auto", "he", "xavier", "normal")
 
 

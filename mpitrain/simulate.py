@@ -50,6 +50,7 @@ import numpy as np
 
 from . import checkpoint
 from .errors import ConfigError, MpitrainError
+from .model import plan_buckets
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 NATIVE_SHORT_BYTES = 2048  # MPICH MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
@@ -140,6 +141,7 @@ class StepModel:
     overlap: bool = True
     straggler_s: float = 0.0
     straggler_prob: float = 1.0
+    bucket_bytes: int = 0      # [sync] bucket_bytes: fused allreduces (0: one per layer)
 
     def compute_times(self) -> tuple[float, list[float]]:
         fwd = sum(self.layer_flops) / (self.gflops * 1e9)
@@ -150,20 +152,23 @@ class StepModel:
     def step(self, algo: str, p: int, prm: Params, net: Network | None = None) -> dict:
         fwd, bwd = self.compute_times()
         compute = fwd + sum(bwd)
-        comm = [allreduce_time(algo, p, n, prm, net) for n in self.layer_bytes]
-        if self.overlap:
+        buckets = plan_buckets(self.layer_bytes, self.bucket_bytes)
+        sizes = {lo: sum(self.layer_bytes[lo:hi + 1]) for lo, hi in buckets}
+        comm = {lo: allreduce_time(algo, p, n, prm, net) for lo, n in sizes.items()}
+        if self.overlap:  # a bucket starts when backward has reached its lowest layer
             t, free = fwd, fwd
             for i in range(len(bwd) - 1, -1, -1):  # last layer first
                 t += bwd[i]
-                free = max(free, t) + comm[i]
+                if i in comm:
+                    free = max(free, t) + comm[i]
             total = max(t, free)
         else:
-            total = compute + sum(comm)
+            total = compute + sum(comm.values())
         straggle = self.straggler_s * (1 - (1 - self.straggler_prob) ** p) if p > 1 else 0.0
         total += straggle
-        return {"step_s": total, "compute_s": compute, "comm_s": sum(comm),
+        return {"step_s": total, "compute_s": compute, "comm_s": sum(comm.values()),
                 "exposed_s": total - compute - straggle, "straggler_s": straggle,
-                "traffic_bytes": sum(traffic_per_rank(algo, p, n, net) for n in self.layer_bytes)}
+                "traffic_bytes": sum(traffic_per_rank(algo, p, n, net) for n in sizes.values())}
 
 
 # --------------------------------------------------------------------------- calibration
@@ -259,6 +264,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gflops", type=float, default=50.0, help="compute rate per rank (50)")
     p.add_argument("--compute-ms", type=float, help="compute time per step (overrides --gflops)")
     p.add_argument("--no-overlap", action="store_true", help="allreduce after the backward pass")
+    p.add_argument("--bucket-bytes", type=int, help="fuse layers into allreduces of at least "
+                                                    "this many bytes (default: the job's "
+                                                    "[sync] bucket_bytes)")
     p.add_argument("--loss-rate", type=float, default=0.0, help="packet loss probability")
     p.add_argument("--mtu", type=int, default=4096, help="packet size, bytes (4096)")
     p.add_argument("--window", type=int, default=64, help="go-back-N window, packets (64)")
@@ -271,9 +279,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_shape(args) -> tuple[list[int], int, str]:
-    """(widths from the input, per-rank batch, dtype) from --layers or the job."""
-    if args.layers and args.batch and args.dtype:
+def model_shape(args) -> tuple[list[int], int, str, int]:
+    """(widths from the input, per-rank batch, dtype, bucket bytes) from the options or the job."""
+    if args.layers and args.batch and args.dtype and args.bucket_bytes is not None:
         cfg = None
     else:
         from . import config
@@ -297,7 +305,8 @@ def model_shape(args) -> tuple[list[int], int, str]:
         widths = [features, *cfg.model.layers]
     batch = args.batch or cfg.data.batch_size
     dtype = args.dtype or cfg.model.dtype
-    return widths, batch, dtype
+    bucket_bytes = cfg.sync.bucket_bytes if args.bucket_bytes is None else args.bucket_bytes
+    return widths, batch, dtype, bucket_bytes
 
 
 def params_for(args, algos) -> tuple[dict[str, Params], str]:
@@ -349,7 +358,9 @@ def _main(argv: list[str]) -> int:
         raise ConfigError("--ranks: values between 1 and 1048576")
     if not 0 <= args.loss_rate < 1:
         raise ConfigError("--loss-rate must be in [0, 1)")
-    widths, batch, dtype = model_shape(args)
+    widths, batch, dtype, bucket_bytes = model_shape(args)
+    if bucket_bytes < 0:
+        raise ConfigError(f"--bucket-bytes {bucket_bytes}: must be >= 0")
     itemsize = np.dtype(dtype).itemsize
     layer_bytes = [(i * o + o) * itemsize for i, o in zip(widths[:-1], widths[1:])]
     flops = [2.0 * batch * i * o for i, o in zip(widths[:-1], widths[1:])]
@@ -357,7 +368,8 @@ def _main(argv: list[str]) -> int:
     if args.compute_ms:
         gflops = (3 * sum(flops) - flops[0]) / (args.compute_ms * 1e-3) / 1e9  # fwd + bwd flops
     sm = StepModel(layer_bytes, flops, gflops, overlap=not args.no_overlap,
-                   straggler_s=args.straggler_ms * 1e-3, straggler_prob=args.straggler_prob)
+                   straggler_s=args.straggler_ms * 1e-3, straggler_prob=args.straggler_prob,
+                   bucket_bytes=bucket_bytes)
     net = Network(args.loss_rate, args.mtu, args.window, args.rto_us * 1e-6)
     params, source = params_for(args, algos)
 
@@ -367,7 +379,8 @@ def _main(argv: list[str]) -> int:
               "params": {a: asdict(p) for a, p in params.items()}, "source": source,
               "predictions": []}
     print(f"# model {'-'.join(map(str, widths))}, batch {batch}/rank, {dtype}: gradients "
-          f"{sum(layer_bytes) / 2**20:.2f} MiB/step in {len(layer_bytes)} allreduces; compute "
+          f"{sum(layer_bytes) / 2**20:.2f} MiB/step in "
+          f"{len(plan_buckets(layer_bytes, bucket_bytes))} allreduces; compute "
           f"{sum(sm.compute_times()[1]) * 1e3 + sm.compute_times()[0] * 1e3:.2f} ms at "
           f"{gflops:.1f} GFLOP/s; overlap {'on' if sm.overlap else 'off'}")
     print(f"# parameters ({source}):")

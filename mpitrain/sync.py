@@ -37,6 +37,7 @@ from .comm.checks import SumCheck, check_replicas
 from .comm.faults import FaultInjector, plan_from_config
 from .comm.ledger import Ledger
 from .comm.transport import Transport
+from .model import plan_buckets
 
 
 class GradientSync:
@@ -146,24 +147,6 @@ class GradientSync:
             return {}
         self.transport.close()
         return dict(self.transport.stats)
-
-
-def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
-    """Group layers into fused allreduces: ``(lo, hi)`` layer ranges, last layer first.
-
-    ``nbytes[i]`` is layer i's gradient size.  Walking from the last layer to the first, a
-    bucket takes layers until their gradients hold at least ``bucket_bytes``; the bucket of
-    layer 0 takes what is left.  0 gives one bucket per layer.  So small layers ride with
-    their neighbours instead of each paying a collective's latency, and a big layer closes
-    its bucket at once (its allreduce still starts as soon as it is ready).
-    """
-    buckets, hi, held = [], len(nbytes) - 1, 0
-    for layer in range(len(nbytes) - 1, -1, -1):
-        held += nbytes[layer]
-        if held >= bucket_bytes or layer == 0:
-            buckets.append((layer, hi))
-            hi, held = layer - 1, 0
-    return buckets
 
 
 def build(ctx, cfg, out, model, events) -> GradientSync:

@@ -28,7 +28,7 @@ from .comm.allreduce import wait_native
 from .comm.checks import ReductionError
 from .errors import ConfigError, DataError, DivergenceError, MpitrainError, NumericsError
 from .metrics import EventLog, Metrics
-from .model import MLP
+from .model import MLP, plan_buckets
 from .model import build as build_model
 from .optim import Optimizer, learning_rate
 from .sync import GradientSync, verify_replicas
@@ -138,7 +138,6 @@ def _check_fault_rules(cfg, size: int, model, total_steps: int) -> None:
     """Fault rules must be able to hit something in this job; say why not if they can't."""
     import dataclasses
     from .comm.faults import ALGORITHM_PHASES, COLLECTIVE_KINDS, MESSAGE_KINDS, plan_from_config
-    from .sync import plan_buckets
     n_layers = model.n_layers
     buckets = plan_buckets([g.flat.nbytes for g in model.grads], cfg.sync.bucket_bytes)
     where = f"{cfg.path or 'built-in job'}: [[faults.rules]]"

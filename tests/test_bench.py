@@ -116,6 +116,20 @@ def test_more_latency_less_bandwidth_more_loss_are_slower():
     assert st.step("ring", 4096, P)["straggler_s"] > st.step("ring", 4, P)["straggler_s"] > 0
 
 
+def test_buckets_pay_latency_once_and_start_when_their_lowest_layer_is_ready():
+    sm = sim.StepModel([4e6, 4e6, 4e4], [1e8, 1e8, 1e6], gflops=50)
+    fused = sim.StepModel(sm.layer_bytes, sm.layer_flops, 50, bucket_bytes=1 << 20)  # 2 + 1
+    latency_bound = sim.Params(1e-3, 0.0, 0.0)  # 1 ms per message, bandwidth free
+    for algo in sim.ALGORITHMS:
+        per_layer, two = sm.step(algo, 8, latency_bound), fused.step(algo, 8, latency_bound)
+        assert two["comm_s"] == pytest.approx(per_layer["comm_s"] * 2 / 3, rel=1e-3)
+        assert two["traffic_bytes"] == pytest.approx(per_layer["traffic_bytes"])
+    # one bucket of everything can only start after the whole backward pass: no overlap left
+    one = sim.StepModel(sm.layer_bytes, sm.layer_flops, 50, bucket_bytes=1 << 30)
+    no = sim.StepModel(sm.layer_bytes, sm.layer_flops, 50, overlap=False, bucket_bytes=1 << 30)
+    assert one.step("ring", 8, P)["step_s"] == pytest.approx(no.step("ring", 8, P)["step_s"])
+
+
 def test_go_back_n_resends_the_window():
     f, timeouts = sim._loss_terms(64 * 4096, sim.Network(loss=0.01, mtu=4096, window=16))
     assert f == pytest.approx(1 + 16 * 0.01 / 0.99) and timeouts == pytest.approx(64 * 0.01 / 0.99)

@@ -128,7 +128,7 @@ def test_gradients_lie_in_one_arena_so_consecutive_layers_are_one_slice():
 
 
 def test_buckets_fill_from_the_last_layer_until_they_hold_bucket_bytes():
-    from mpitrain.sync import plan_buckets
+    from mpitrain.model import plan_buckets
     sizes = [240, 280, 144, 16]  # bytes of layers 0..3
     assert plan_buckets(sizes, 0) == [(3, 3), (2, 2), (1, 1), (0, 0)]
     assert plan_buckets(sizes, 150) == [(2, 3), (1, 1), (0, 0)]

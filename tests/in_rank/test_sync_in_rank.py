@@ -52,7 +52,7 @@ def test_gradient_sync_sums_every_layer(comm, algorithm, overlap):
 @pytest.mark.parametrize("overlap", [True, False])
 def test_fused_buckets_sum_every_layer(comm, algorithm, overlap):
     from mpitrain.model import MLP
-    from mpitrain.sync import plan_buckets
+    from mpitrain.model import plan_buckets
     rank, size = comm.Get_rank(), comm.Get_size()
     model = MLP(3, [4, 1, 5, 2], dtype="float64")  # gradient bytes 128, 40, 80, 96
     for g, want in zip(model.grads, rank_buffers(rank, [g.flat.size for g in model.grads], np.float64)):

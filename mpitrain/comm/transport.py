@@ -135,7 +135,7 @@ SPIN_S = 2e-4           # poll without sleeping this long before the first sleep
 SPIN_S_PER_BYTE = 1e-9  # ... plus this per byte of a payload in the middle of its copy
 
 
-def _pause(waited: float, spin_s: float = SPIN_S) -> bool:
+def idle_pause(waited: float, spin_s: float = SPIN_S) -> bool:
     """Pause between two idle polls, ``waited`` seconds into a wait; True if it slept.
 
     Spin first: a sleep, however short, costs ~80 us here (a small message's whole
@@ -360,7 +360,7 @@ class Transport:
             waited = time.monotonic() - t0
             if waited > self.deadline_s:
                 self._report_wait(None, b[0][2], waited)
-            _pause(waited, spin)
+            idle_pause(waited, spin)
         self._waiting = None
 
     # --------------------------------------------------------------- receive
@@ -427,7 +427,7 @@ class Transport:
                 if self.delivery == "lossy" and mid.algorithm != "fence":
                     return self._lose(mid)
                 self._report_wait(mid, src, time.monotonic() - t0)
-            slept = _pause(now - t0)
+            slept = idle_pause(now - t0)
             idle += 1
 
     def sendrecv(self, send_mid: MessageId, payload: np.ndarray, recv_mid: MessageId,
@@ -459,7 +459,7 @@ class Transport:
                 self._background()
                 if waited > self.deadline_s:  # the sender died mid-message
                     self._report_wait(mid, mid.src, waited)
-                _pause(waited, spin)
+                idle_pause(waited, spin)
         return into
 
     def _accept(self, mid: MessageId, seq: int, nbytes: int, hdr: tuple,
@@ -606,7 +606,7 @@ class Transport:
             waited = time.monotonic() - t0
             if waited > self.deadline_s and dst is not None:
                 self._report_wait(None, dst, waited)
-            _pause(waited)
+            idle_pause(waited)
         self._waiting = None
 
     # ---------------------------------------------------------------- faults
@@ -777,4 +777,4 @@ class Transport:
             if waited > self.deadline_s:
                 _KEEP_ALIVE.extend(self._inflight)
                 break
-            _pause(waited)
+            idle_pause(waited)

@@ -2,7 +2,8 @@
 (optionally) the same algorithms from an older checkout of mpitrain/comm.
 
     mpiexec -n 2 python benchmarks/allreduce_ab.py [--old /tmp/oldtree] [--algorithms ring]
-        [--deliveries strict,lossy] [-b 4 -e 64M -f 4] [--iters 20] [--warmup 5]
+        [--deliveries strict,lossy] [--checksums crc32c,none] [-b 4 -e 64M -f 4]
+        [--iters 20] [--warmup 5]
 
 For each size, every variant runs one iteration in turn (native, ring/strict, old ring/strict,
 ...), ``--iters`` times after ``--warmup``, so load drift on a shared box hits all alike.  An
@@ -53,6 +54,8 @@ def main() -> int:
     ap.add_argument("--old")
     ap.add_argument("--algorithms", default="ring")
     ap.add_argument("--deliveries", default="strict")
+    ap.add_argument("--checksums", default="crc32c",
+                    help="crc32c and/or none ([faults] checksum; current tree only)")
     ap.add_argument("-b", "--minbytes", default="4")
     ap.add_argument("-e", "--maxbytes", default="64M")
     ap.add_argument("-f", "--stepfactor", type=int, default=4)
@@ -70,8 +73,11 @@ def main() -> int:
     for algo in args.algorithms.split(","):
         for delivery in args.deliveries.split(","):
             for tag, (tr, ar) in mods.items():
-                t = tr.Transport(comm, delivery=delivery, deadline_s=60.0)
-                variants[f"{tag}{algo}/{delivery}"] = ar.make_allreducer(algo, comm, t)
+                for csum in args.checksums.split(",") if not tag else ["crc32c"]:
+                    extra = {"checksum": False} if csum == "none" else {}
+                    t = tr.Transport(comm, delivery=delivery, deadline_s=60.0, **extra)
+                    name = f"{tag}{algo}/{delivery}" + ("/nosum" if csum == "none" else "")
+                    variants[name] = ar.make_allreducer(algo, comm, t)
     counts = sweep_sizes(_size(args.minbytes), _size(args.maxbytes), args.stepfactor, dtype.itemsize)
     rows = []
     if rank == 0:

@@ -201,7 +201,8 @@ class _AllreduceBench:
             rows = run_allreduce_sweep(ctx.comm, algos, dtype, counts, args.iters, args.warmup,
                                        args.deadline, args.max_seconds,
                                        print_row=_print_row if ctx.rank == 0 else None,
-                                       header=ctx.rank == 0, checksum=args.checksum)
+                                       header=ctx.rank == 0, checksum=args.checksum,
+                                       oversubscribed=ctx.oversubscribed)
         finally:
             ctx.close()
         if world.rank == 0:
@@ -224,11 +225,12 @@ class _AllreduceBench:
 
 def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60.0,
                         max_seconds=0.0, print_row=None, header=False,
-                        checksum: str = "crc32c") -> list[dict]:
+                        checksum: str = "crc32c", oversubscribed: bool = False) -> list[dict]:
     """Collective: time every (algorithm, count) pair on ``comm``; rows (same on every rank).
 
     ``checksum``: "crc32c" or "none" for the own algorithms' messages, or "both" (each own
-    algorithm twice; rows carry ``checksum``)."""
+    algorithm twice; rows carry ``checksum``).  ``oversubscribed``: more ranks than cores
+    on the node (shorter spins while waiting, see ``transport.spin_budget``)."""
     from mpi4py import MPI
     from .comm.allreduce import make_allreducer
     from .comm.transport import Transport
@@ -245,8 +247,9 @@ def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60
     for algo, csum in runs:
         transport = None if algo == "native" else Transport(comm, delivery="strict",
                                                             deadline_s=deadline_s,
-                                                            checksum=csum != "none")
-        ar = make_allreducer(algo, comm, transport)
+                                                            checksum=csum != "none",
+                                                            oversubscribed=oversubscribed)
+        ar = make_allreducer(algo, comm, transport, oversubscribed=oversubscribed)
         for li, count in enumerate(counts):
             src = fill_pattern(rank, count, dtype)
             want = expected_sum(size, count, dtype)

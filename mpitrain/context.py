@@ -143,6 +143,8 @@ class RankContext:
     """What one rank knows about the job it is part of.
 
     ``comm`` is the harness's own duplicate of COMM_WORLD.  ``xp`` is numpy or cupy.
+    ``oversubscribed``: this node runs more ranks than the CPUs they may use together, so
+    a rank waiting on a peer should leave the core soon rather than spin (set by ``connect``).
     """
 
     comm: object
@@ -151,6 +153,7 @@ class RankContext:
     xp: ModuleType
     slurm: SlurmInfo
     _blas_limits: object = field(repr=False, default=None)
+    oversubscribed: bool = False
 
     @property
     def is_root(self) -> bool:
@@ -170,15 +173,34 @@ class RankContext:
                    slurm=SlurmInfo.from_env(env), _blas_limits=limits)
 
     def connect(self, world: World) -> None:
-        """Collective: duplicate COMM_WORLD into the harness's own communicator."""
+        """Collective: duplicate COMM_WORLD into the harness's own communicator, and find
+        out whether this node is oversubscribed."""
         self.comm = world.comm.Dup()
         self.comm.Set_name("mpitrain")
+        self.oversubscribed = node_oversubscribed(self.comm)
 
     def close(self) -> None:
         """Free the duplicated communicator (collective: every rank calls it)."""
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
+
+
+def node_oversubscribed(comm) -> bool:
+    """Collective: does this node run more ranks of ``comm`` than CPUs they may use?
+
+    The CPUs are the union of the node's ranks' affinity masks, so ranks bound to one core
+    each (srun --cpu-bind, mpiexec -bind-to) count as one core per rank, not as oversubscribed.
+    """
+    MPI = mpi()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            list(range(os.cpu_count() or 1))
+        cpus = set().union(*node.allgather(mine))
+        return node.Get_size() > len(cpus)
+    finally:
+        node.Free()
 
 
 def _array_module(device: str, rank: int) -> ModuleType:

@@ -165,9 +165,10 @@ def build(ctx, cfg, out, model, events) -> GradientSync:
     if cfg.sync.algorithm != "native" or injector is not None:
         transport = Transport(ctx.comm, delivery=f.delivery, deadline_s=f.deadline_ms / 1e3,
                               injector=injector, ledger=ledger, events=events,
-                              checksum=f.checksum != "none")
+                              checksum=f.checksum != "none", oversubscribed=ctx.oversubscribed)
     allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, transport, ledger=ledger,
-                                 deadline_s=f.deadline_ms / 1e3)
+                                 deadline_s=f.deadline_ms / 1e3,
+                                 oversubscribed=ctx.oversubscribed)
     checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
     buffers = [g.flat for g in model.grads]
     buckets = [(lo, hi, model.grad_span(lo, hi))

@@ -334,7 +334,8 @@ def _step(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, step: int, e
         sync.layer_ready(layer)
     waited = sync.finish()
     t_wait = time.perf_counter()
-    wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}")
+    wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}",
+                oversubscribed=ctx.oversubscribed)
     waited += time.perf_counter() - t_wait
     # end-to-end checks (lossy delivery, fault plans), before the update
     _checked(cfg, metrics, step, lambda: sync.verify(step))

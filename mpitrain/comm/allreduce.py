@@ -43,7 +43,7 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.transport import SPIN_S, SPIN_S_PER_BYTE, MessageId, Transport, idle_pause
+from mpitrain.comm.transport import MessageId, Transport, idle_pause, spin_budget
 from mpitrain.errors import SyncError
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
@@ -64,15 +64,17 @@ def fingerprint(buf: np.ndarray) -> int:
     return zlib.crc32(buf.view(np.uint8)) if buf.size else 0
 
 
-def wait_native(request, deadline_s: float, what: str, nbytes: int = 0) -> None:
+def wait_native(request, deadline_s: float, what: str, nbytes: int = 0,
+                oversubscribed: bool = False) -> None:
     """Wait for a native MPI request, but raise SyncError after ``deadline_s`` seconds.
 
     MPI's own Wait never returns if a peer died; polling keeps the harness's promise that
     a missing rank becomes an error, not a hang.  Spins first -- as long as ``nbytes`` take
-    to copy at 1 GB/s, since MPICH copies only inside our Test calls -- then sleeps in short
-    steps (the transport's waiting policy, :func:`~mpitrain.comm.transport.idle_pause`).
+    to copy at 1 GB/s, since MPICH copies only inside our Test calls, unless the node is
+    ``oversubscribed`` -- then sleeps in short steps (the transport's waiting policy,
+    :func:`~mpitrain.comm.transport.spin_budget`, :func:`~mpitrain.comm.transport.idle_pause`).
     """
-    t0, spin, polls = time.monotonic(), SPIN_S + SPIN_S_PER_BYTE * nbytes, 0
+    t0, spin, polls = time.monotonic(), spin_budget(nbytes, oversubscribed), 0
     while not request.Test():
         polls += 1
         if polls & 7 == 0:
@@ -109,9 +111,11 @@ class Allreducer:
 
     name = "base"
 
-    def __init__(self, comm, transport: Transport | None, ledger=None, deadline_s: float = 10.0):
+    def __init__(self, comm, transport: Transport | None, ledger=None, deadline_s: float = 10.0,
+                 oversubscribed: bool = False):
         self.comm = comm
         self.deadline_s = deadline_s
+        self.oversubscribed = oversubscribed
         self.transport = transport
         self.ledger = ledger if ledger is not None else getattr(transport, "ledger", None)
         self.rank = comm.Get_rank()
@@ -178,7 +182,7 @@ class NativeAllreducer(Allreducer):
             t0 = time.monotonic()
             wait_native(handle.request, self.deadline_s,
                         f"native allreduce of step {handle.step}, layer {handle.layer}",
-                        handle.buf.nbytes)
+                        handle.buf.nbytes, self.oversubscribed)
             if self.transport is not None:
                 self.transport.cur_wait_s += time.monotonic() - t0
             self._leave(handle)
@@ -290,16 +294,17 @@ _CLASSES = {"native": NativeAllreducer, "ring": RingAllreducer,
 
 
 def make_allreducer(algorithm: str, comm, transport: Transport | None, *, ledger=None,
-                    deadline_s: float = 10.0) -> Allreducer:
+                    deadline_s: float = 10.0, oversubscribed: bool = False) -> Allreducer:
     """The allreducer for ``algorithm`` (one of :data:`ALGORITHMS`).
 
     ``comm`` is the harness's duplicated communicator; ``transport`` must be a
     Transport on that communicator for every algorithm but "native" (for native
     it is optional and only provides the crash/slow hooks and wait accounting).
-    ``ledger`` defaults to ``transport.ledger``.  ``deadline_s`` bounds the native wait.
+    ``ledger`` defaults to ``transport.ledger``.  ``deadline_s`` bounds the native wait;
+    ``oversubscribed`` (more ranks than cores on the node) shortens its spin.
     """
     if algorithm not in _CLASSES:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; use one of {ALGORITHMS}")
     if algorithm != "native" and transport is None:
         raise ValueError(f"the {algorithm} allreduce needs a Transport")
-    return _CLASSES[algorithm](comm, transport, ledger, deadline_s)
+    return _CLASSES[algorithm](comm, transport, ledger, deadline_s, oversubscribed)

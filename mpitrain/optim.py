@@ -40,10 +40,12 @@ class Optimizer:
               p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
     ``weight_decay`` adds wd * p to g first (L2 regularisation).
 
-    On the CPU every update runs over slices of :data:`BLOCK_BYTES`, so each temporary is
-    written and read back while still in cache: the SGD step of a 7 MiB model takes 0.85
-    instead of 1.4 ms here (a whole-buffer temporary makes every pass a trip to memory).
-    The arithmetic is element-wise, so the result is bitwise that of whole-buffer updates.
+    On the CPU every update runs over slices of :data:`BLOCK_BYTES` with one small scratch
+    buffer, so each temporary is written and read back while still in cache: after a
+    backward pass, the SGD step of a 7 MiB model takes 1.00 ms here against 1.11 ms with
+    whole-layer slices and 1.31 ms with a whole-layer temporary per layer (as before;
+    ``python benchmarks/optim_step.py``).  The arithmetic is element-wise, so the result is
+    bitwise that of whole-buffer updates.
     """
 
     def __init__(self, cfg, params: list, xp=np):

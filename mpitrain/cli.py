@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except MpitrainError as err:  # raised before MPI started, or by a single process
         print(f"mpitrain: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("mpitrain: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # mpiexec forwards Ctrl-C to every rank: say it once
+        from .context import launcher_rank
+        if not launcher_rank():
+            print("mpitrain: interrupted", file=sys.stderr)
         return 130
 
 

@@ -29,9 +29,27 @@ LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCA
                       "SLURM_STEP_NUM_TASKS", "PMI_NUM_RANKS")
 
 
+# ... and to this process's rank in it (MPICH/hydra, Open MPI, PMIx, Slurm).
+LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
 def environment() -> dict[str, str]:
     """A snapshot of the process environment, the only one mpitrain takes."""
     return dict(os.environ)
+
+
+def launcher_rank(env: dict[str, str] | None = None) -> int | None:
+    """This process's rank as its launcher announced it, without starting MPI (None: none).
+
+    For messages that must appear once even when MPI is not (or no longer) usable, e.g. on
+    Ctrl-C, which the launcher forwards to every rank at once.
+    """
+    env = environment() if env is None else env
+    for var in LAUNCHER_RANK_VARS:
+        value = env.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def mpi():

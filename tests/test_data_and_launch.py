@@ -100,3 +100,32 @@ def test_a_foreign_launcher_is_detected(tmp_path):
     res = run([sys.executable, "-m", "mpitrain", "run", "--set", f'run.out="{tmp_path}"'],
               timeout=60, env={"SLURM_PROCID": "1"})
     assert res.returncode == 2 and "task 1 of a Slurm step (SLURM_PROCID)" in res.stderr
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_ctrl_c_is_reported_once_and_ends_every_rank(tmp_path, nprocs):
+    """Ctrl-C in a terminal signals the whole foreground group: mpiexec and every rank."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from mpirun import MPIEXEC, REPO, child_env
+    proc = subprocess.Popen([MPIEXEC, "-n", str(nprocs), sys.executable, "-m", "mpitrain",
+                             "run", "--set", "run.steps=100000", "--set", f'run.out="{tmp_path}"'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics.exists(), "training never started"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"ranks did not end after Ctrl-C:\n{proc.communicate()[1][-3000:]}")
+    assert proc.returncode != 0
+    assert err.count("mpitrain: interrupted") == 1, err
+    assert "Traceback" not in err, err

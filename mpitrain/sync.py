@@ -132,7 +132,10 @@ class GradientSync:
             # be heard of first, or the others would wait for it inside MPI forever.
             self.fence(step)
             self.sum_check.verify_finite(comm, step)
-            self.sum_check.verify(comm, step, self.transport.lost)
+            t = self.transport
+            self.sum_check.verify(comm, step, t.lost, checksums=t.use_crc,
+                                  told=t.faults_told(step),
+                                  fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
 
     def fence(self, step: int) -> None:
         """Collective: before a native collective that follows own-algorithm traffic, make

@@ -89,6 +89,16 @@ def test_lossy_reduce_scatter_loss_is_caught_by_the_end_to_end_check(tmp_path, n
     assert "on every rank" in msg and "a contribution was lost during the reduction" in msg
 
 
+def test_a_loss_in_a_fused_bucket_names_the_bucket(tmp_path):
+    res = job("lossy_reduce_scatter", tmp_path, 2, "--set", "sync.bucket_bytes=1000000", "--set",
+              'faults.rules=[{kind="drop", step=3, layer=0, phase="reduce_scatter", src=1, count=1}]')
+    assert res.returncode == 3
+    msg = one_error(res)
+    assert "end-to-end check failed at step 3, layer 0: the reduced gradient sums to" in msg
+    assert ("Messages lost: rank 0 counted as absent: step 3, layer 0 (fused layers 0..1), ring "
+            "reduce_scatter chunk 1 from rank 1." in msg), msg
+
+
 @pytest.fixture(scope="module")
 def clean_runs(tmp_path_factory):
     """The fault-free run of jobs/faults/reliable.toml at each rank count."""
@@ -172,6 +182,17 @@ def test_without_checksums_strict_delivery_lets_a_nan_in_and_the_end_to_end_chec
     assert "[faults] checksum = \"none\"" in res.stderr  # the hint says why nothing caught it
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2, "step 3 must not have been applied"
+
+
+def test_without_checksums_a_bit_flip_is_named_as_an_altered_message_not_a_loss(tmp_path):
+    res = job("corrupt", tmp_path, 2, "--set", 'faults.checksum="none"')
+    assert res.returncode == 3
+    msg = one_error(res)
+    assert ("end-to-end check failed at step 3, layer 0 on rank 1 only" in msg
+            and "a message to them was altered in flight and no checksum caught it. Injected "
+                "faults: step 3, layer 0, tree broadcast, chunk 0, message 0->1: corrupt "
+                "(bitflip) (rule 0)." in msg), msg
+    assert "lost" not in msg and 'checksum = "crc32c", strict delivery names' in res.stderr
 
 
 @pytest.mark.parametrize("nprocs", RANKS)

@@ -52,12 +52,19 @@ def layer_hashes(layers: Sequence[Iterable[np.ndarray]]) -> list[str]:
     return out
 
 
-def _lost_lines(comm, lost, step: int | None) -> list[str]:
+def _lost_lines(comm, lost, step: int | None, fused: dict[int, int] | None = None) -> list[str]:
+    """Collective: every rank's messages counted as absent (of ``step``), one line each.
+
+    ``fused`` maps a bucket's lowest layer to its highest: a message of a fused allreduce
+    is named by the bucket's lowest layer, which the line spells out.
+    """
     mine = [tuple(m) for m in (lost or ()) if step is None or m[0] == step]
     lines = []
     for r, items in enumerate(comm.allgather(mine)):
         for (st, layer, alg, phase, chunk, src, dst) in items:
-            lines.append(f"rank {r} counted as absent: step {st}, layer {layer}, {alg} {phase} "
+            name = (f"layer {layer}" if not fused or layer not in fused
+                    else f"layer {layer} (fused layers {layer}..{fused[layer]})")
+            lines.append(f"rank {r} counted as absent: step {st}, {name}, {alg} {phase} "
                          f"chunk {chunk} from rank {src}")
     return lines
 
@@ -169,8 +176,15 @@ class SumCheck:
         err.step, err.layer, err.ranks = step, layer, sources or seen
         raise err
 
-    def verify(self, comm, step: int, lost=None) -> None:
-        """Raise ReductionError / DivergenceError if a layer's sum is off (collective)."""
+    def verify(self, comm, step: int, lost=None, *, checksums: bool = True,
+               told: Sequence[str] = (), fused: dict[int, int] | None = None) -> None:
+        """Raise ReductionError / DivergenceError if a layer's sum is off (collective).
+
+        ``lost``: the messages this rank counted as absent.  ``checksums``: whether the
+        messages carried one (same on every rank); without, and with nothing lost, an off sum
+        means a message was altered in flight.  ``told``: the injected faults this rank was
+        told of in this step.  ``fused``: bucket lowest layer -> highest (see _lost_lines).
+        """
         layers = sorted(self._local)
         local = np.array([self._local[i] for i in layers], np.float64).reshape(-1, 3)
         total = np.empty_like(local)
@@ -188,12 +202,15 @@ class SumCheck:
         failing = [i for b in table for i, *_ in b]
         if not failing:  # the same answer on every rank: the table was gathered
             return
-        extra = _lost_lines(comm, lost, step)
+        extra = _lost_lines(comm, lost, step, fused)
         layer = min(failing)
         ranks = [r for r, b in enumerate(table) if any(i == layer for i, *_ in b)]
         got, want = next((g, w) for i, g, w in table[ranks[0]] if i == layer)
         lost_txt = (" Messages lost: " + "; ".join(extra) + ".") if extra else ""
-        if len(ranks) == p:
+        if not extra and not checksums:  # nothing lost: a message arrived, but altered
+            err = _altered(step, layer, ranks, p, got, want,
+                           sorted({t for ts in comm.allgather(list(told)) for t in ts}))
+        elif len(ranks) == p:
             err: SyncError = ReductionError(
                 f"end-to-end check failed at step {step}, layer {layer}: the reduced gradient sums "
                 f"to {got:.9g} on every rank but the ranks' gradients sum to {want:.9g}: a "
@@ -209,3 +226,23 @@ class SumCheck:
                 hint="a message was lost on its way to these ranks (allgather/broadcast)", reporter=0)
         err.step, err.layer, err.ranks = step, layer, ranks
         raise err
+
+
+def _altered(step: int, layer: int, ranks: list[int], p: int, got: float, want: float,
+             told: list[str]) -> SyncError:
+    """The error for an off sum with nothing lost, on a transport without checksums."""
+    told_txt = (" Injected faults: " + "; ".join(told) + ".") if told else ""
+    hint = ("the messages carry no checksum (lossy delivery, or [faults] checksum = \"none\"); "
+            "with checksum = \"crc32c\", strict delivery names the corrupted message and "
+            "reliable delivery resends it")
+    if len(ranks) == p:
+        return ReductionError(
+            f"end-to-end check failed at step {step}, layer {layer}: the reduced gradient sums "
+            f"to {got:.9g} on every rank but the ranks' gradients sum to {want:.9g}: a message "
+            f"was altered in flight and no checksum caught it (all replicas are equally wrong, "
+            f"so the replica hash cannot see it).{told_txt}", hint=hint, reporter=0)
+    return DivergenceError(
+        f"end-to-end check failed at step {step}, layer {layer} on {ranks_text(ranks)} only: "
+        f"their reduced gradient sums to {got:.9g}, expected {want:.9g}; the replicas diverge: "
+        f"a message to them was altered in flight and no checksum caught it.{told_txt}",
+        hint=hint, reporter=0)

@@ -12,6 +12,7 @@ it).  That keeps the rest testable without MPI and makes every global input visi
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -208,17 +209,39 @@ def node_oversubscribed(comm) -> bool:
     """Collective: does this node run more ranks of ``comm`` than CPUs they may use?
 
     The CPUs are the union of the node's ranks' affinity masks, so ranks bound to one core
-    each (srun --cpu-bind, mpiexec -bind-to) count as one core per rank, not as oversubscribed.
+    each (srun --cpu-bind, mpiexec -bind-to) count as one core per rank, not as oversubscribed;
+    a cgroup CPU quota (a container's ``--cpus``) lowers that count.
     """
     MPI = mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             list(range(os.cpu_count() or 1))
-        cpus = set().union(*node.allgather(mine))
-        return node.Get_size() > len(cpus)
+        masks_and_quotas = node.allgather((mine, _cgroup_cpus()))
+        cpus = len(set().union(*(m for m, _ in masks_and_quotas)))
+        quotas = [q for _, q in masks_and_quotas if q is not None]
+        if quotas:  # a container's CPU quota (docker --cpus) does not show in the affinity
+            cpus = min(cpus, max(1, math.ceil(min(quotas))))
+        return node.Get_size() > cpus
     finally:
         node.Free()
+
+
+def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs a cgroup quota allows this process (v2 ``cpu.max``, v1 CFS), None if none."""
+    try:
+        with open(f"{root}/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{root}/cpu/cpu.cfs_quota_us") as fq, \
+                open(f"{root}/cpu/cpu.cfs_period_us") as fp:
+            quota, period = int(fq.read()), int(fp.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def _array_module(device: str, rank: int) -> ModuleType:

@@ -93,6 +93,11 @@ class MLP:
     def n_layers(self) -> int:
         return len(self.params)
 
+    def buckets(self, bucket_bytes: int) -> list[tuple[int, int]]:
+        """The fused allreduces of ``[sync] bucket_bytes``: layer ranges, last first
+        (:func:`plan_buckets` over this model's gradient sizes)."""
+        return plan_buckets([g.flat.nbytes for g in self.grads], bucket_bytes)
+
     def grad_span(self, lo: int, hi: int):
         """The gradients of layers ``lo..hi`` (inclusive) as one contiguous 1-D view.
 

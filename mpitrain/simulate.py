@@ -281,8 +281,8 @@ def parser() -> argparse.ArgumentParser:
 
 def model_shape(args) -> tuple[list[int], int, str, int]:
     """(widths from the input, per-rank batch, dtype, bucket bytes) from the options or the job."""
-    if args.layers and args.batch and args.dtype and args.bucket_bytes is not None:
-        cfg = None
+    if args.layers and args.batch and args.dtype and not args.job:
+        cfg = None  # everything on the command line: no job, no environment read
     else:
         from . import config
         from .context import environment
@@ -305,7 +305,8 @@ def model_shape(args) -> tuple[list[int], int, str, int]:
         widths = [features, *cfg.model.layers]
     batch = args.batch or cfg.data.batch_size
     dtype = args.dtype or cfg.model.dtype
-    bucket_bytes = cfg.sync.bucket_bytes if args.bucket_bytes is None else args.bucket_bytes
+    bucket_bytes = (args.bucket_bytes if args.bucket_bytes is not None
+                    else cfg.sync.bucket_bytes if cfg is not None else 0)
     return widths, batch, dtype, bucket_bytes
 
 

@@ -37,7 +37,6 @@ from .comm.checks import SumCheck, check_replicas
 from .comm.faults import FaultInjector, plan_from_config
 from .comm.ledger import Ledger
 from .comm.transport import Transport
-from .model import plan_buckets
 
 
 class GradientSync:
@@ -45,8 +44,8 @@ class GradientSync:
 
     ``buffers[i]`` is layer i's flat gradient.  ``buckets`` lists the fused allreduces as
     ``(lo, hi, span)``, last layer first, ``span`` being one contiguous view over the
-    gradients of layers lo..hi (see :func:`plan_buckets`); by default every layer is its
-    own bucket.  A bucket starts when layer ``lo`` -- the last of its layers that backward
+    gradients of layers lo..hi (see :func:`mpitrain.model.plan_buckets`); by default every
+    layer is its own bucket.  A bucket starts when layer ``lo`` -- the last of its layers that backward
     finishes -- is ready, and is named by ``lo``.  ``transport`` (own algorithms) and
     ``sum_check`` (lossy delivery, fault plans) are optional; see :func:`build`.
     """
@@ -63,6 +62,27 @@ class GradientSync:
         # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
         self._host = [_pinned_like(span) for _, _, span in self.buckets] if _on_gpu(buffers) else None
         self._layer_wire = self._layer_views(self._host) if self._host else list(buffers)
+        self._check_buckets()
+
+    def _check_buckets(self) -> None:
+        """The buckets must cover every layer once, and (on the CPU) each span must BE its
+        layers' gradients: reducing a copy would leave the real gradients unaveraged."""
+        layers = sorted(i for lo, hi, _ in self.buckets for i in range(lo, hi + 1))
+        if layers != list(range(len(self.buffers))):
+            raise ValueError(f"buckets {[(lo, hi) for lo, hi, _ in self.buckets]} do not cover "
+                             f"layers 0..{len(self.buffers) - 1} once each")
+        for lo, hi, span in self.buckets:
+            want = sum(self.buffers[i].size for i in range(lo, hi + 1))
+            if span.size != want:
+                raise ValueError(f"the span of layers {lo}..{hi} has {span.size} elements, "
+                                 f"its layers {want}")
+        if self._host is None:
+            views = self._layer_views([span for _, _, span in self.buckets])
+            for i, (view, buf) in enumerate(zip(views, self.buffers)):
+                if view.__array_interface__["data"][0] != buf.__array_interface__["data"][0]:
+                    raise ValueError(f"the bucket span of layer {i} is not its gradient "
+                                     f"buffer (a span must be a view of its layers' gradients, "
+                                     f"last layer first)")
 
     def _layer_views(self, spans: list) -> list:
         """Per-layer views into the bucket-sized ``spans`` (layers lie last first in a span)."""
@@ -173,10 +193,9 @@ def build(ctx, cfg, out, model, events) -> GradientSync:
                                  deadline_s=f.deadline_ms / 1e3,
                                  oversubscribed=ctx.oversubscribed)
     checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
-    buffers = [g.flat for g in model.grads]
-    buckets = [(lo, hi, model.grad_span(lo, hi))
-               for lo, hi in plan_buckets([b.nbytes for b in buffers], cfg.sync.bucket_bytes)]
-    return GradientSync(allreducer, buffers, cfg.sync.overlap, transport, checks, buckets)
+    buckets = [(lo, hi, model.grad_span(lo, hi)) for lo, hi in model.buckets(cfg.sync.bucket_bytes)]
+    return GradientSync(allreducer, [g.flat for g in model.grads], cfg.sync.overlap, transport,
+                        checks, buckets)
 
 
 def _on_gpu(buffers: list) -> bool:

@@ -28,7 +28,7 @@ from .comm.allreduce import wait_native
 from .comm.checks import ReductionError
 from .errors import ConfigError, DataError, DivergenceError, MpitrainError, NumericsError
 from .metrics import EventLog, Metrics
-from .model import MLP, plan_buckets
+from .model import MLP
 from .model import build as build_model
 from .optim import Optimizer, learning_rate
 from .sync import GradientSync, verify_replicas
@@ -139,7 +139,7 @@ def _check_fault_rules(cfg, size: int, model, total_steps: int) -> None:
     import dataclasses
     from .comm.faults import ALGORITHM_PHASES, COLLECTIVE_KINDS, MESSAGE_KINDS, plan_from_config
     n_layers = model.n_layers
-    buckets = plan_buckets([g.flat.nbytes for g in model.grads], cfg.sync.bucket_bytes)
+    buckets = model.buckets(cfg.sync.bucket_bytes)
     where = f"{cfg.path or 'built-in job'}: [[faults.rules]]"
     try:
         plan_from_config([dataclasses.asdict(r) for r in cfg.faults.rules], cfg.faults.seed)

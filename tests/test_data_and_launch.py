@@ -129,3 +129,19 @@ def test_ctrl_c_is_reported_once_and_ends_every_rank(tmp_path, nprocs):
     assert proc.returncode != 0
     assert err.count("mpitrain: interrupted") == 1, err
     assert "Traceback" not in err, err
+
+
+def test_a_container_cpu_quota_counts_as_fewer_cpus(tmp_path):
+    from mpitrain.context import _cgroup_cpus
+    assert _cgroup_cpus(str(tmp_path)) is None                    # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpus(str(tmp_path)) is None                    # v2, unlimited
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_cpus(str(tmp_path)) == 1.5                     # v2: docker --cpus 1.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpus(str(tmp_path)) == 2.0                     # v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cgroup_cpus(str(tmp_path)) is None                    # v1, unlimited

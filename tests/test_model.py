@@ -116,6 +116,35 @@ def test_momentum_is_the_heavy_ball_update():
     np.testing.assert_allclose(p, [1.0 - 0.1 * (1 + 1.9), 2.0 + 0.1 * (1 + 1.9)])
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sliced_updates_are_bitwise_the_whole_buffer_updates(name, dtype):
+    """Layers of several slices (and a ragged last one) update exactly as in one piece."""
+    from types import SimpleNamespace
+    from mpitrain.optim import BLOCK_BYTES, Optimizer
+    cfg = SimpleNamespace(name=name, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8,
+                          weight_decay=0.01)
+    block = BLOCK_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(1)
+    sizes = [3 * block + 5, 7, block]
+    start = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    sliced = Optimizer(cfg, [p.copy() for p in start])
+    whole = Optimizer(cfg, [p.copy() for p in start])
+    whole._block, whole._tmp = max(sizes), np.empty(max(sizes), dtype)
+    assert sliced._block == block
+    for step in range(3):
+        grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        sliced.step([g.copy() for g in grads], 0.01)
+        whole.step([g.copy() for g in grads], 0.01)
+    for a, b in zip(sliced.params, whole.params):
+        assert a.tobytes() == b.tobytes()
+    if name == "sgd":  # and both are the textbook update: p - lr * (g + wd * p)
+        p, g = start[0].copy(), rng.standard_normal(sizes[0]).astype(dtype)
+        Optimizer(cfg, [p]).step([g.copy()], 0.01)
+        want = start[0] - (g + start[0] * np.asarray(0.01, dtype)) * np.asarray(0.01, dtype)
+        np.testing.assert_array_equal(p, want)
+
+
 def test_gradients_lie_in_one_arena_so_consecutive_layers_are_one_slice():
     model = MLP(5, [7, 6, 3], "relu", "softmax", "cross_entropy", "float64")
     for i, g in enumerate(model.grads):  # views, not copies: backward writes land in the arena

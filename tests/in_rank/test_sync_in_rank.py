@@ -76,6 +76,44 @@ def test_fused_buckets_sum_every_layer(comm, algorithm, overlap):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_bucket_spans_must_be_the_gradients_themselves(comm):
+    from mpitrain.model import MLP
+    model = MLP(3, [4, 1, 5, 2], dtype="float64")
+    grads = [g.flat for g in model.grads]
+    ar = make_allreducer("native", comm, None)
+    with pytest.raises(ValueError, match="not its gradient buffer"):  # a copy, not a view
+        GradientSync(ar, grads, buckets=[(2, 3, model.grad_span(2, 3).copy()),
+                                         (0, 1, model.grad_span(0, 1))])
+    with pytest.raises(ValueError, match="not its gradient buffer"):  # first-layer-first order
+        GradientSync(ar, grads, buckets=[(0, 3, np.concatenate(grads))])
+    with pytest.raises(ValueError, match="do not cover"):
+        GradientSync(ar, grads, buckets=[(2, 3, model.grad_span(2, 3))])
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("delivery", ["lossy", "strict"])
+def test_buckets_keep_the_end_to_end_checks_per_layer(comm, delivery):
+    from mpitrain.comm.checks import SumCheck
+    from mpitrain.model import MLP, plan_buckets
+    model = MLP(3, [4, 1, 5, 2], dtype="float64")
+    for g in model.grads:
+        g.flat[...] = np.arange(g.flat.size) * (comm.Get_rank() + 1)
+    buckets = [(lo, hi, model.grad_span(lo, hi)) for lo, hi in plan_buckets(
+        [g.flat.nbytes for g in model.grads], 150)]
+    transport = Transport(comm, delivery=delivery, deadline_s=20)
+    grads = [g.flat for g in model.grads]
+    sync = GradientSync(make_allreducer("ring", comm, transport), grads, True, transport,
+                        SumCheck(), buckets)
+    sync.begin(1)
+    for layer in reversed(range(len(grads))):
+        sync.layer_ready(layer)
+    sync.finish()
+    assert sorted(sync.sum_check._local) == [0, 1, 2, 3]  # one check per layer, not per bucket
+    sync.verify(1)  # sums agree: no error
+    transport.close()
+
+
+@pytest.mark.mpi(min_size=2)
 def test_replica_check_names_the_rank_that_differs(comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     params = [np.ones(5), np.ones(3)]

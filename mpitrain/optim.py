@@ -65,8 +65,9 @@ class Optimizer:
         for i, (p, g) in enumerate(zip(self.params, grads)):
             state = [s[i] for s in slots]
             for a in range(0, p.size, blk):
-                b = a + blk
-                self._update(p[a:b], g[a:b], [s[a:b] for s in state], self._tmp[:p[a:b].size], lr)
+                piece = p[a:a + blk]
+                self._update(piece, g[a:a + blk], [s[a:a + blk] for s in state],
+                             self._tmp[:piece.size], lr)
 
     def _update(self, p, g, state: list, tmp, lr: float) -> None:
         """One slice: ``p``, ``g`` and the state slots are matching views, ``tmp`` scratch."""

@@ -45,9 +45,10 @@ class GradientSync:
     ``buffers[i]`` is layer i's flat gradient.  ``buckets`` lists the fused allreduces as
     ``(lo, hi, span)``, last layer first, ``span`` being one contiguous view over the
     gradients of layers lo..hi (see :func:`mpitrain.model.plan_buckets`); by default every
-    layer is its own bucket.  A bucket starts when layer ``lo`` -- the last of its layers that backward
-    finishes -- is ready, and is named by ``lo``.  ``transport`` (own algorithms) and
-    ``sum_check`` (lossy delivery, fault plans) are optional; see :func:`build`.
+    layer is its own bucket.  A bucket starts when layer ``lo`` -- the last of its layers
+    that backward finishes -- is ready, and is named by ``lo``.  ``transport`` (own
+    algorithms) and ``sum_check`` (lossy delivery, fault plans) are optional; see
+    :func:`build`.
     """
 
     def __init__(self, allreducer, buffers: list, overlap: bool = True,

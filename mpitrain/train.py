@@ -166,8 +166,9 @@ def _check_fault_rules(cfg, size: int, model, total_steps: int) -> None:
         if rule.layer is not None and rule.layer >= n_layers:
             raise ConfigError(f"{label}: layer = {rule.layer}, but the model has {n_layers} "
                               f"layers (0..{n_layers - 1}, from the input side)")
-        fused = next(((lo, hi) for lo, hi in buckets if lo < (rule.layer or 0) <= hi), None)
-        if rule.layer is not None and fused is not None:
+        fused = next(((lo, hi) for lo, hi in buckets if lo < rule.layer <= hi), None) \
+            if rule.layer is not None else None
+        if fused is not None:
             raise ConfigError(f"{label}: layer = {rule.layer} travels in the fused allreduce of "
                               f"layers {fused[0]}..{fused[1]} ([sync] bucket_bytes = "
                               f"{cfg.sync.bucket_bytes}), which is named by its lowest layer",

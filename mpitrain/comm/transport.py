@@ -47,8 +47,9 @@ Waiting
     Receives poll (``Improbe``), spinning for :data:`SPIN_S` (plus the time a
     payload being copied needs at 1 GB/s; only :data:`SPIN_S_SHARED` on an
     oversubscribed node, where the peer we wait for may need our core) and then
-    sleeping about an eighth of the time waited so far (at most 1 ms).  While polling, the transport also watches the
-    error channel, acknowledgements, retransmission timers and delayed messages.
+    sleeping about an eighth of the time waited so far (at most 1 ms).  While
+    polling, the transport also watches the error channel, acknowledgements,
+    retransmission timers and delayed messages.
 
 Errors (strict and reliable)
     The rank that detects a failure (deadline passed, checksum mismatch,

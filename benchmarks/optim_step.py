@@ -6,8 +6,13 @@ training, every step follows a forward and backward pass (which leave the caches
 activations, not parameters); the variants alternate inside every round, one BLAS thread.
 
     python benchmarks/optim_step.py [--name sgd|momentum|adam] [--batch 64] [--rounds 150]
+        [--old OPTIM_PY]
+
+``--old`` adds the ``Optimizer`` of another ``optim.py`` to the rounds, e.g. the one before
+slicing: ``git show 439730a:mpitrain/optim.py > /tmp/optim_old.py``.
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import time
@@ -26,6 +31,7 @@ def main() -> None:
     ap.add_argument("--name", default="sgd", choices=("sgd", "momentum", "adam"))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=150)
+    ap.add_argument("--old", metavar="OPTIM_PY", help="another optim.py to compare with")
     args = ap.parse_args()
     cfg = SimpleNamespace(name=args.name, lr=1e-9, momentum=0.9, beta1=0.9, beta2=0.999,
                           eps=1e-8, weight_decay=0.0)
@@ -41,6 +47,14 @@ def main() -> None:
             opt._block = max(p.flat.size for p in model.params)
             opt._tmp = np.empty(opt._block, np.float32)
         variants[label] = (model, opt)
+    if args.old:
+        spec = importlib.util.spec_from_file_location("old_optim", args.old)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        model = MLP(784, [1024, 1024, 10], dtype="float32")
+        model.init("he", 0)
+        variants[f"--old {os.path.basename(args.old)}"] = (
+            model, old.Optimizer(cfg, [p.flat for p in model.params]))
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for k, (model, opt) in variants.items():

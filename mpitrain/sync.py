@@ -6,6 +6,7 @@ Protocol, on every rank, in the same order (collectives must match across ranks)
     for i in model.backward(dz):      # last layer first
         sync.layer_ready(i)           # overlap on: starts layer i's allreduce now
     waited = sync.finish()            # every gradient buffer now holds the global mean
+    # sync.comm_s: the seconds this step spent in communication calls outside finish
 
 Each rank hands in gradients already weighted by 1/(samples in the global batch) -- its
 share of the mean -- so the SUM the allreduce computes is the mean over the global batch
@@ -58,6 +59,7 @@ class GradientSync:
         self.buckets = buckets or [(i, i, buffers[i]) for i in range(len(buffers) - 1, -1, -1)]
         self._by_lo = {lo: k for k, (lo, _, _) in enumerate(self.buckets)}
         self.step = 0
+        self.comm_s = 0.0  # this step's seconds in layer_ready / verify (see begin)
         self._fenced = 0  # the last step fenced: no transport traffic since
         self._pending: list = []
         # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
@@ -107,20 +109,30 @@ class GradientSync:
         return self.allreducer.start(wire, self.step, lo)
 
     def begin(self, step: int) -> None:
-        """Start a step: no bucket is outstanding."""
+        """Start a step: no bucket is outstanding.
+
+        ``comm_s`` restarts at 0 and then counts the seconds this rank spends inside
+        communication calls *outside* ``finish``: starting and advancing reductions during
+        the backward pass (for own algorithms that includes the chunks they send and reduce
+        there) and the end-to-end checks of ``verify``.  ``finish`` returns the rest, the
+        time blocked waiting.  So a step splits into compute, communication and waiting.
+        """
         assert not self._pending, "finish() was not called for the previous step"
         self.step = step
+        self.comm_s = 0.0
 
     def layer_ready(self, layer: int) -> None:
         """Layer ``layer``'s gradients are final; with overlap on, start its bucket's
         allreduce if this was the bucket's last layer to be ready, and poke the others."""
         if not self.overlap:
             return
+        t0 = time.perf_counter()
         k = self._by_lo.get(layer)
         if k is not None:
             self._pending.append(self._start(k))
         for handle in self._pending:
             self.allreducer.test(handle)
+        self.comm_s += time.perf_counter() - t0
 
     def finish(self) -> float:
         """Complete every bucket's reduction (the global mean); return the seconds waited."""
@@ -148,6 +160,7 @@ class GradientSync:
         rank it came from), ReductionError / DivergenceError if a contribution was lost.
         """
         if self.sum_check is not None:
+            t0 = time.perf_counter()
             comm = self.transport.comm
             # The checks use native collectives: a rank that failed in the transport must
             # be heard of first, or the others would wait for it inside MPI forever.
@@ -157,6 +170,7 @@ class GradientSync:
             self.sum_check.verify(comm, step, t.lost, checksums=t.use_crc,
                                   told=t.faults_told(step),
                                   fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
+            self.comm_s += time.perf_counter() - t0
 
     def fence(self, step: int) -> None:
         """Collective: before a native collective that follows own-algorithm traffic, make

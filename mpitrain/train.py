@@ -348,7 +348,8 @@ def _step(ctx, cfg, s: Setup, sync: GradientSync, metrics: Metrics, step: int, e
     record = {"step": step, "epoch": epoch, "loss": loss,
               "accuracy": correct / samples if s.dataset.classes is not None else None,
               "correct": int(correct), "lr": lr, "samples": int(samples),
-              "time_compute": total - waited, "time_wait": waited, "time_total": total,
+              "time_compute": total - waited - sync.comm_s, "time_comm": sync.comm_s,
+              "time_wait": waited, "time_total": total,
               "samples_per_s": samples / total}
     return record, stop_votes > 0
 

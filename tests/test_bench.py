@@ -70,14 +70,21 @@ def test_bench_train_runs_and_compares_overlap(tmp_path):
         assert v["steps"] == 6 and v["steps_per_s"] > 0 and v["samples_per_s"] > 0
         assert v["time_total_s"] >= v["time_wait_s"] >= 0
         assert v["samples_per_step"] == 64  # digits job: 32 per rank, 2 ranks
+    # overlap on: the reductions start (communication) during backward; off: nothing is sent
+    # before finish, so all of it is waiting
+    assert rep["variants"]["overlap_on"]["time_comm_s"] > 0
+    assert rep["variants"]["overlap_off"]["time_comm_s"] == 0
+    assert "comm(ms)" in res.stdout
     assert rep["exposed_fraction"] >= 0 and "left on the critical path" in res.stdout
 
 
 def test_summarize_steps_uses_medians_after_warmup():
     recs = [{"kind": "step", "step": i, "time_total": t, "time_wait": 0.1 * t,
-             "time_compute": 0.9 * t, "samples": 10} for i, t in enumerate([9, 1, 2, 3, 100], 1)]
+             "time_comm": 0.2 * t, "time_compute": 0.7 * t, "samples": 10}
+            for i, t in enumerate([9, 1, 2, 3, 100], 1)]
     s = summarize_steps(recs, warmup=1)
     assert s["steps"] == 4 and s["time_total_s"] == 2.5 and s["samples_per_s"] == 4.0
+    assert s["time_comm_s"] == pytest.approx(0.5) and s["time_wait_s"] == pytest.approx(0.25)
 
 
 # --------------------------------------------------------------------------- the cost model

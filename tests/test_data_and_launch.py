@@ -73,9 +73,12 @@ def test_default_job_learns_digits_on_two_ranks(tmp_path):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert epochs[-1]["val_accuracy"] >= 0.95, epochs[-1]
     for r in steps:
-        assert {"step", "epoch", "loss", "time_compute", "time_wait", "time_total"} <= r.keys()
+        assert {"step", "epoch", "loss", "time_compute", "time_comm", "time_wait",
+                "time_total"} <= r.keys()
         assert 0 < r["time_compute"] <= r["time_total"] and r["time_wait"] >= 0
+        assert r["time_compute"] + r["time_comm"] + r["time_wait"] == pytest.approx(r["time_total"])
     assert sum(r["time_wait"] for r in steps) > 0, "two ranks must wait for communication"
+    assert all(r["time_comm"] > 0 for r in steps), "overlap on: reductions start in backward"
     assert (tmp_path / "config.toml").read_text().startswith("# resolved configuration")
     with np.load(tmp_path / "model.npz") as z:
         assert z["layers.0.weight"].shape == (64, 128) and z["layers.1.bias"].shape == (10,)

@@ -159,17 +159,19 @@ class GradientSync:
         Raises NumericsError if a reduced gradient holds NaN/Inf (naming the layer and the
         rank it came from), ReductionError / DivergenceError if a contribution was lost.
         """
-        if self.sum_check is not None:
-            t0 = time.perf_counter()
-            comm = self.transport.comm
+        if self.sum_check is None:
+            return
+        t0 = time.perf_counter()
+        try:  # counted even when a check raises and on_divergence = "warn" goes on
+            comm, t = self.transport.comm, self.transport
             # The checks use native collectives: a rank that failed in the transport must
             # be heard of first, or the others would wait for it inside MPI forever.
             self.fence(step)
             self.sum_check.verify_finite(comm, step)
-            t = self.transport
             self.sum_check.verify(comm, step, t.lost, checksums=t.use_crc,
                                   told=t.faults_told(step),
                                   fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
+        finally:
             self.comm_s += time.perf_counter() - t0
 
     def fence(self, step: int) -> None:

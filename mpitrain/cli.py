@@ -151,7 +151,7 @@ def _print_summary(summary: dict) -> None:
 
 def parse_fault(text: str) -> dict:
     """A fault rule from the command line: 'kind=drop,step=3' or TOML 'kind="drop", step=3'."""
-    from .config import _parse_value
+    from .config import parse_value as _parse_value
     import tomllib
     try:
         return tomllib.loads(f"r = {{{text}}}")["r"]

@@ -11,34 +11,17 @@ itself: the caller (the context) hands it the variables.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import json
-import math
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from .comm import faults
 from .errors import ConfigError
+from .schema import ALGORITHMS, DELIVERY_MODES, FaultRule, build, key, suggest, toml_value
 
 ENV_PREFIX = "MPITRAIN_"
 DEFAULT_EPOCHS = 10
-
-
-# --------------------------------------------------------------------------- declarations
-def key(default: Any, *, choices: tuple | None = None, lo: float | None = None,
-        hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-        doc: str = "") -> Any:
-    """Declare one job-file key: its default and what is allowed."""
-    meta = dict(choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, doc=doc)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -102,7 +85,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    algorithm: str = key("native", choices=("native", "ring", "recursive_doubling", "tree"))
+    algorithm: str = key("native", choices=ALGORITHMS)
     overlap: bool = key(True, doc="start each layer's allreduce during backward")
     check_every: int = key(100, lo=0, doc="steps between replica hash checks (0: start and end)")
     ledger: bool = key(True, doc="write the per-rank collective ledger (mpitrain diagnose)")
@@ -111,35 +94,16 @@ class SyncConfig:
                                          "of gradients; 0: one allreduce per layer")
 
 
-FAULT_KINDS, FAULT_PHASES = faults.KINDS, faults.PHASES
-
-
-@dataclass(frozen=True)
-class FaultRuleConfig:
-    kind: str = key("drop", choices=FAULT_KINDS)
-    step: int | None = key(None, lo=1)
-    layer: int | None = key(None, lo=0)
-    src: int | None = key(None, lo=0)
-    dst: int | None = key(None, lo=0)
-    phase: str | None = key(None, choices=FAULT_PHASES)
-    chunk: int | None = key(None, lo=0)
-    probability: float = key(1.0, lo=0.0, hi=1.0, doc="chance per matching message")
-    count: int | None = key(None, lo=1)
-    delay_ms: float = key(0.0, lo=0.0)
-    corrupt: str = key("bitflip", choices=("bitflip", "nan"))
-    rank: int | None = key(None, lo=0, doc="crash and slow: the rank it acts on")
-
-
 @dataclass(frozen=True)
 class FaultsConfig:
-    delivery: str = key("strict", choices=("strict", "lossy", "reliable"))
+    delivery: str = key("strict", choices=DELIVERY_MODES)
     deadline_ms: float = key(10000.0, lo=0.0, lo_open=True)
     seed: int = key(0, lo=0)
     on_divergence: str = key("error", choices=("error", "warn"), doc="lossy mode")
     checksum: str = key("crc32c", choices=("crc32c", "none"),
                         doc="end-to-end checksum of every message in strict and reliable "
                             "delivery (lossy never checksums); none trusts MPI's own delivery")
-    rules: list[FaultRuleConfig] = key([])
+    rules: list[FaultRule] = key([])
 
 
 SECTIONS: dict[str, type] = {
@@ -181,27 +145,18 @@ class JobConfig:
                 if f.name == "rules":
                     rules = value
                 elif value is not None:
-                    lines.append(f"{f.name} = {_toml_value(value)}")
+                    lines.append(f"{f.name} = {toml_value(value)}")
             for rule in rules:
                 lines.append("\n[[faults.rules]]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(rule).items()
+                lines += [f"{k} = {toml_value(v)}" for k, v in dataclasses.asdict(rule).items()
                           if v is not None]
         return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string
-
-
 # --------------------------------------------------------------------------- loading
-def load(path: str | Path | None = None, overrides: list[str] = (),
-         environ: Mapping[str, str] | None = None, extra_rules: list[dict] = ()) -> JobConfig:
+def load(path: str | Path | None = None, overrides: Sequence[str] = (),
+         environ: Mapping[str, str] | None = None,
+         extra_rules: Sequence[Mapping[str, Any]] = ()) -> JobConfig:
     """Build the JobConfig of a job file plus env variables and ``--set`` overrides.
 
     ``extra_rules`` (from ``--fault``) are appended to the fault rules of the other sources.
@@ -216,14 +171,17 @@ def load(path: str | Path | None = None, overrides: list[str] = (),
     for var, text in sorted((environ or {}).items()):
         if var.startswith(ENV_PREFIX):
             sec, k = _split_env(var)
-            _merge(raw, origin, {sec: {k: _parse_value(text)}}, f"environment {var}")
+            _merge(raw, origin, {sec: {k: parse_value(text)}}, f"environment {var}")
     for item in overrides:
         sec, k, value = _split_override(item)
         _merge(raw, origin, {sec: {k: value}}, f"--set {item}")
     if extra_rules:
         rules = list(raw.get("faults", {}).get("rules", [])) + list(extra_rules)
         _merge(raw, origin, {"faults": {"rules": rules}}, "--fault")
-    sections = {sec: _build(cls, raw.get(sec, {}), sec, lambda k, s=sec: origin[(s, k)])
+    def where_of(sec: str) -> Callable[[str], str]:
+        return lambda k: origin[(sec, k)]
+
+    sections = {sec: build(cls, raw.get(sec, {}), sec, where_of(sec))
                 for sec, cls in SECTIONS.items()}
     cfg = JobConfig(**sections, name=name, path=str(path) if path else None)
     _check_combinations(cfg, origin, str(path) if path else "the defaults")
@@ -245,7 +203,7 @@ def _read_toml(path: Path) -> dict:
 def _merge(raw: dict, origin: dict, data: dict, where: str) -> None:
     for sec, table in data.items():
         if sec not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section [{sec}]{_suggest(sec, SECTIONS)}; "
+            raise ConfigError(f"{where}: unknown section [{sec}]{suggest(sec, SECTIONS)}; "
                               f"allowed sections: {', '.join(SECTIONS)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{sec}] must be a table of keys, got {table!r}")
@@ -268,105 +226,15 @@ def _split_override(item: str) -> tuple[str, str, Any]:
     sec, dot, k = lhs.strip().partition(".")
     if not eq or not dot or not k:
         raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set optim.lr=0.01")
-    return sec, k, _parse_value(text)
+    return sec, k, parse_value(text)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A TOML value (number, bool, quoted string, array, inline table); else the bare text."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text.strip()
-
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-# --------------------------------------------------------------------------- validation
-def _build(cls: type, table: dict, sec: str, where_of) -> Any:
-    """Validate one table into the dataclass ``cls``; ``where_of(key)`` names its source."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for k, value in table.items():
-        if k not in names:
-            raise ConfigError(f"{where_of(k)}: unknown key '{k}' in [{sec}]{_suggest(k, names)}; "
-                              f"allowed: {', '.join(names)}")
-        values[k] = _check(cls, k, hints[k], value, where_of(k), sec)
-    return cls(**values)
-
-
-def _check(cls: type, k: str, hint: Any, value: Any, where: str, sec: str) -> Any:
-    f = next(f for f in dataclasses.fields(cls) if f.name == k)
-    meta = f.metadata
-    label = f"{where}: [{sec}] {k} = {_show(value)}"
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    if optional and value is None:
-        return None
-    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    origin_type = typing.get_origin(base)
-    if origin_type is list:
-        (item_type,) = typing.get_args(base)
-        if not isinstance(value, list):
-            raise ConfigError(f"{label}: must be a list")
-        if dataclasses.is_dataclass(item_type):
-            return [_build_rule(item_type, v, where, i) for i, v in enumerate(value)]
-        if not value:
-            raise ConfigError(f"{label}: must not be empty")
-        out = [_check_scalar(item_type, v, label) for v in value]
-        if item_type is int and any(v < 1 for v in out):
-            raise ConfigError(f"{label}: every width must be >= 1")
-        return out
-    value = _check_scalar(base, value, label)
-    if meta["choices"] and value not in meta["choices"]:
-        raise ConfigError(f"{label}: allowed values are {', '.join(map(repr, meta['choices']))}"
-                          f"{_suggest(str(value), meta['choices'])}")
-    _check_range(value, meta, label)
-    return value
-
-
-def _build_rule(cls: type, value: Any, where: str, index: int) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: faults.rules[{index}] must be a table like "
-                          f"{{kind = \"drop\", step = 3}}, got {_show(value)}")
-    if "kind" not in value:
-        raise ConfigError(f"{where}: faults.rules[{index}] needs a kind; allowed: "
-                          f"{', '.join(FAULT_KINDS)}")
-    return _build(cls, value, f"faults.rules[{index}]", lambda k: where)
-
-
-def _check_scalar(typ: type, value: Any, label: str) -> Any:
-    if typ is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{label}: must be true or false")
-        return value
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{label}: must be an integer")
-        return value
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{label}: must be a finite number")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{label}: must be a string (quote it in TOML)")
-        return value
-    raise TypeError(typ)  # a declaration this module does not know: a bug, not bad input
-
-
-def _check_range(value: Any, meta: Mapping, label: str) -> None:
-    lo, hi = meta["lo"], meta["hi"]
-    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        raise ConfigError(f"{label}: must be {'>' if meta['lo_open'] else '>='} {lo}")
-    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
-        raise ConfigError(f"{label}: must be {'<' if meta['hi_open'] else '<='} {hi}")
-
-
-def _show(value: Any) -> str:
-    return _toml_value(value) if isinstance(value, (bool, int, float, str, list)) else repr(value)
 
 
 def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> None:

@@ -8,20 +8,27 @@ it).  That keeps the rest testable without MPI and makes every global input visi
   can never match those of user code or of another library on the same processes;
 * the BLAS thread pool (one thread per rank by default: ranks of several BLAS threads
   each fight over the cores and run 3-10x slower);
-* the array module ``xp``: NumPy on the CPU, CuPy on the GPU.
+* the array module ``xp``: NumPy on the CPU, CuPy on the GPU (see backend.py), the GPU
+  chosen by the rank's place on its node;
+* the process's signals: a preemption signal becomes a flag the loop reads (StopSignal).
 """
 from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Iterator
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any, Iterator
 
+from .backend import array_module
 from .errors import LaunchError, MpitrainError
+
+if TYPE_CHECKING:
+    from .config import JobConfig
 
 # Variables that launchers set to the size of the job they started.  If one says P > 1
 # but MPI sees a world of 1, each process was started by a launcher that does not belong
@@ -77,6 +84,7 @@ class World:
         self.comm = mpi().COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        self.local_rank = node_local_rank(self.comm)
 
     def check_launcher(self) -> None:
         """Fail if the launcher started P processes but MPI sees a world of one."""
@@ -166,12 +174,12 @@ class RankContext:
     a rank waiting on a peer should leave the core soon rather than spin (set by ``connect``).
     """
 
-    comm: object
+    comm: Any
     rank: int
     size: int
     xp: ModuleType
     slurm: SlurmInfo
-    _blas_limits: object = field(repr=False, default=None)
+    _blas_limits: Any = field(repr=False, default=None)
     oversubscribed: bool = False
 
     @property
@@ -179,17 +187,31 @@ class RankContext:
         return self.rank == 0
 
     @classmethod
-    def create(cls, world: World, cfg, env: dict[str, str]) -> "RankContext":
-        """Set up this rank for ``cfg``: BLAS threads and array module.
+    def create(cls, world: World, cfg: JobConfig, env: dict[str, str]) -> "RankContext":
+        """Set up this rank for ``cfg``: BLAS threads and array module (restored by close).
 
         Local only (no communication), so it may fail inside ``World.collective_errors``;
         call :meth:`connect` afterwards, on every rank, to get the communicator.
         """
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(limits=cfg.run.blas_threads, user_api="blas")
-        xp = _array_module(cfg.run.device, world.rank)
+        try:
+            xp = array_module(cfg.run.device, world.local_rank)
+        except BaseException:
+            limits.restore_original_limits()
+            raise
         return cls(comm=None, rank=world.rank, size=world.size, xp=xp,
                    slurm=SlurmInfo.from_env(env), _blas_limits=limits)
+
+    def sum_async(self, buf: Any) -> Any:
+        """Start an in-place SUM of ``buf`` over all ranks; returns the MPI request."""
+        MPI = mpi()
+        return self.comm.Iallreduce(MPI.IN_PLACE, buf, MPI.SUM)
+
+    def sum(self, buf: Any) -> None:
+        """Collective: ``buf`` becomes its SUM over all ranks (in place, blocking)."""
+        MPI = mpi()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
 
     def connect(self, world: World) -> None:
         """Collective: duplicate COMM_WORLD into the harness's own communicator, and find
@@ -199,10 +221,23 @@ class RankContext:
         self.oversubscribed = node_oversubscribed(self.comm)
 
     def close(self) -> None:
-        """Free the duplicated communicator (collective: every rank calls it)."""
+        """Free the duplicated communicator (collective: every rank calls it) and give the
+        BLAS thread pools back their original sizes."""
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
+        if self._blas_limits is not None:
+            self._blas_limits.restore_original_limits()
+            self._blas_limits = None
+
+
+def node_local_rank(comm: Any) -> int:
+    """Collective: this rank's place among the ranks of ``comm`` on its node (0, 1, ...)."""
+    node = comm.Split_type(mpi().COMM_TYPE_SHARED)
+    try:
+        return int(node.Get_rank())
+    finally:
+        node.Free()
 
 
 def node_oversubscribed(comm) -> bool:
@@ -231,8 +266,8 @@ def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
     """The CPUs a cgroup quota allows this process (v2 ``cpu.max``, v1 CFS), None if none."""
     try:
         with open(f"{root}/cpu.max") as fh:
-            quota, period = fh.read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+            limit, window = fh.read().split()[:2]
+        return None if limit == "max" else int(limit) / int(window)
     except (OSError, ValueError):
         pass
     try:
@@ -244,19 +279,30 @@ def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
-def _array_module(device: str, rank: int) -> ModuleType:
-    if device == "cpu":
-        import numpy
-        return numpy
-    try:
-        import cupy
-        ndev = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # ImportError, or CUDA driver/runtime errors
-        raise MpitrainError(f"[run] device = \"gpu\" but CuPy cannot use a GPU here: {exc}",
-                            hint="install the gpu extra (pip install -e '.[gpu]') on a machine "
-                                 "with a CUDA GPU, or set run.device = \"cpu\"") from None
-    if ndev == 0:
-        raise MpitrainError("[run] device = \"gpu\" but no CUDA device is visible",
-                            hint="set run.device = \"cpu\"")
-    cupy.cuda.Device(rank % ndev).use()  # one GPU per rank, round-robin over the node's GPUs
-    return cupy
+class StopSignal:
+    """Turns SIGTERM/SIGUSR1 (preemption, Slurm's --signal) into a flag read at step ends.
+
+    Installed for the training loop and removed by :meth:`restore`; a second signal before
+    the step boundary kills the process the default way.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self._old: dict[int, Any] = {}
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. embedded use): no preemption
+                pass
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:  # asked twice: the step boundary is not coming, stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.requested = 1
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -19,10 +19,14 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,13 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------- sources
-def load(data_cfg, seed: int) -> Dataset:
+def load(data_cfg: DataConfig, seed: int) -> Dataset:
     """The data set a job names (``[data] source``)."""
     if data_cfg.source == "digits":
         return digits()
     if data_cfg.source == "synthetic":
         return synthetic(data_cfg, seed)
+    assert data_cfg.path is not None  # config.load refuses source = "file" without a path
     return from_file(Path(data_cfg.path))
 
 
@@ -81,7 +86,7 @@ def digits() -> Dataset:
     return Dataset(x, y, "digits", 10)
 
 
-def synthetic(cfg, seed: int) -> Dataset:
+def synthetic(cfg: DataConfig, seed: int) -> Dataset:
     """Seeded generated data: Gaussian class blobs, or a smooth nonlinear regression.
 
     classification: ``classes`` centres drawn from N(0, I) in ``features`` dimensions; each
@@ -222,3 +227,24 @@ class ShardSampler:
         batch = order[start:start + self.global_batch]
         mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         return mine, len(batch)
+
+
+def check_fits(dataset: Dataset, n_train: int, out_width: int, batch_size: int, size: int,
+               tail: str) -> None:
+    """The data must fit the model's output layer and give every rank a batch."""
+    if dataset.target_width != out_width:
+        what = (f"{dataset.classes} classes" if dataset.classes is not None
+                else f"targets of width {dataset.target_width}")
+        raise DataError(f"[model] layers ends with {out_width} outputs but the data "
+                        f"({dataset.name}) has {what}",
+                        hint=f"set the last entry of [model] layers to {dataset.target_width}")
+    if n_train < size:
+        raise DataError(f"{size} ranks but only {n_train} training samples: every rank needs "
+                        f"at least one", hint="use fewer ranks or more data")
+    global_batch = batch_size * size
+    if tail == "drop" and n_train < global_batch:
+        raise DataError(f"the global batch ({size} ranks x batch_size {batch_size} = "
+                        f"{global_batch}) is larger than the {n_train} training samples, so "
+                        f"tail = \"drop\" leaves no step",
+                        hint="lower [data] batch_size, use fewer ranks, or set "
+                             "[data] tail = \"weighted\"")

@@ -43,14 +43,48 @@ class LaunchError(MpitrainError):
 
 
 class SyncError(MpitrainError):
-    """Gradient synchronization failed and was not recovered (a fault, a hang, a crash)."""
+    """Gradient synchronization failed and was not recovered (a fault, a hang, a crash).
+
+    ``step`` and ``layer`` locate the failure where it is known; ``ranks`` are the ranks it
+    was seen on (or came from).
+    """
 
     exit_code = 3
 
+    def __init__(self, message: str, hint: str | None = None, reporter: int | None = None,
+                 *, step: int | None = None, layer: int | None = None,
+                 ranks: list[int] | None = None):
+        super().__init__(message, hint, reporter)
+        self.step, self.layer, self.ranks = step, layer, list(ranks or [])
+
 
 class DivergenceError(SyncError):
-    """Replicas that must be identical are not (named by rank and layer)."""
+    """Replicas that must be identical are not (named by rank and layer).
+
+    ``groups``: the ranks grouped by the parameters they hold, largest group first.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, reporter: int | None = None,
+                 *, step: int | None = None, layer: int | None = None,
+                 ranks: list[int] | None = None, groups: list[list[int]] | None = None):
+        super().__init__(message, hint, reporter, step=step, layer=layer, ranks=ranks)
+        self.groups = list(groups or [])
+
+
+class ReductionError(SyncError):
+    """The reduced gradient is not the sum of the ranks' gradients (all ranks agree on it):
+    a contribution was lost or altered inside the reduction, so every replica is equally
+    wrong and no replica hash can see it."""
 
 
 class NumericsError(SyncError):
     """A NaN or Inf reached the gradients or the loss (named by rank and layer)."""
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume me
+
+
+class Preempted(MpitrainError):
+    """A preemption signal arrived; every rank checkpointed at the same step."""
+
+    exit_code = PREEMPTED_EXIT

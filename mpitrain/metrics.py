@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from . import checkpoint
 
@@ -32,11 +35,10 @@ class Metrics:
                  log_every: int, start_step: int = 0):
         self.active, self.total, self.log_every = active, total_steps, log_every
         self.out = out
-        self._bar = None
+        self._bar: Any = None
         self._plain = False
-        self._metrics = self._events = None
         self._window = [0, 0.0]  # samples and seconds since the last plain progress line
-        self._rate = None        # moving average of samples/s for the progress bar
+        self._rate: float | None = None  # moving average of samples/s for the progress bar
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +112,26 @@ class Metrics:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        for fh in (self._metrics, self._events):
-            if fh is not None:
-                fh.close()
+        if self.active:
+            self._metrics.close()
+            self._events.close()
+
+
+def report_transport(comm: Any, stats: dict[str, float], metrics: Metrics, step: int) -> None:
+    """Collective: sum the transport counters over ranks; rank 0 records them as a
+    "transport" event and, when faults cost something, tells the user what."""
+    if not stats:
+        return
+    keys = sorted(stats)
+    totals = comm.allreduce(np.array([stats[k] for k in keys], dtype=np.float64))  # SUM
+    total = dict(zip(keys, totals.tolist()))
+    metrics.event("transport", step, **total)
+    if total["retransmissions"] or total["lost"] or total["corrupt_detected"]:
+        metrics.note(f"transport: {int(total['sent'])} messages, "
+                     f"{int(total['retransmissions'])} retransmitted "
+                     f"({total['recovery_s']:.3f} s recovering), {int(total['lost'])} lost, "
+                     f"{int(total['corrupt_detected'])} corrupt detected, "
+                     f"{int(total['stale_discarded'])} duplicates/stale discarded")
 
 
 class EventLog:

@@ -22,19 +22,23 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from .backend import to_host
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 @dataclass
 class LayerBuffer:
     """One layer's parameters (or gradients): a flat buffer and two views into it."""
 
-    flat: object      # 1-D array of fan_in*fan_out + fan_out
-    weight: object    # (fan_in, fan_out) view
-    bias: object      # (fan_out,) view
+    flat: Any      # 1-D array of fan_in*fan_out + fan_out (NumPy or CuPy)
+    weight: Any    # (fan_in, fan_out) view
+    bias: Any      # (fan_out,) view
 
     @classmethod
     def zeros(cls, fan_in: int, fan_out: int, dtype, xp) -> "LayerBuffer":
@@ -133,8 +137,8 @@ class MLP:
         """Parameters as host arrays under the parameter-file keys."""
         out = {}
         for i, p in enumerate(self.params):
-            out[f"layers.{i}.weight"] = _host(p.weight)
-            out[f"layers.{i}.bias"] = _host(p.bias)
+            out[f"layers.{i}.weight"] = to_host(p.weight)
+            out[f"layers.{i}.bias"] = to_host(p.bias)
         return out
 
     def load_state(self, arrays, where: str) -> None:
@@ -251,7 +255,7 @@ def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
 INIT_SCHEMES = ("auto", "he", "xavier", "normal")
 
 
-def build(model_cfg, n_inputs: int, seed: int, xp=np) -> MLP:
+def build(model_cfg: ModelConfig, n_inputs: int, seed: int, xp: Any = np) -> MLP:
     """The replica a job's ``[model]`` section describes, initialised from ``seed`` (or the
     ``init`` file): the same parameters on every rank."""
     m = model_cfg
@@ -261,7 +265,3 @@ def build(model_cfg, n_inputs: int, seed: int, xp=np) -> MLP:
     else:
         model.load_file(m.init)
     return model
-
-
-def _host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.array(a)

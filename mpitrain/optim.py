@@ -8,13 +8,19 @@ stay bitwise identical.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .backend import to_host
+
+if TYPE_CHECKING:
+    from .config import OptimConfig
 
 SLOTS = {"sgd": (), "momentum": ("velocity",), "adam": ("m", "v")}
 
 
-def learning_rate(cfg, step: int, total_steps: int) -> float:
+def learning_rate(cfg: OptimConfig, step: int, total_steps: int) -> float:
     """The learning rate of global step ``step`` (1-based)."""
     lr = cfg.lr
     if cfg.schedule == "step":
@@ -47,7 +53,7 @@ class Optimizer:
     element-wise, so the result is bitwise that of whole-buffer updates (tested).
     """
 
-    def __init__(self, cfg, params: list, xp=np):
+    def __init__(self, cfg: OptimConfig, params: list, xp: Any = np):
         self.cfg, self.xp, self.params = cfg, xp, params
         self.t = 0
         self.state = {slot: [xp.zeros_like(p) for p in params] for slot in SLOTS[cfg.name]}
@@ -85,7 +91,8 @@ class Optimizer:
             xp.multiply(v, lr, out=tmp)
             p -= tmp
         else:
-            self._adam(p, g, *state, tmp, lr)
+            m, v = state
+            self._adam(p, g, m, v, tmp, lr)
 
     def _adam(self, p, g, m, v, tmp, lr: float) -> None:
         cfg, xp = self.cfg, self.xp
@@ -110,7 +117,7 @@ class Optimizer:
         out = {"optim.t": np.array(self.t)}
         for slot, bufs in self.state.items():
             for i, b in enumerate(bufs):
-                out[f"optim.{slot}.{i}"] = b.get() if hasattr(b, "get") else np.array(b)
+                out[f"optim.{slot}.{i}"] = to_host(b)
         return out
 
     def load_state_dict(self, arrays) -> None:

@@ -28,16 +28,21 @@ of layer k-1 instead of all of it piling up in ``finish``.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-
+from .backend import on_gpu, pinned_like, to_host
 from .comm.allreduce import make_allreducer
 from .comm.checks import SumCheck, check_replicas
-from .comm.faults import FaultInjector, plan_from_config
+from .comm.faults import FaultInjector, FaultPlan
 from .comm.ledger import Ledger
 from .comm.transport import Transport
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+    from .context import RankContext
+    from .model import MLP
 
 
 class GradientSync:
@@ -63,7 +68,8 @@ class GradientSync:
         self._fenced = 0  # the last step fenced: no transport traffic since
         self._pending: list = []
         # GPU buffers travel through pinned host copies: the MPI from PyPI is not CUDA-aware.
-        self._host = [_pinned_like(span) for _, _, span in self.buckets] if _on_gpu(buffers) else None
+        self._host = ([pinned_like(span) for _, _, span in self.buckets]
+                      if buffers and on_gpu(buffers[0]) else None)
         self._layer_wire = self._layer_views(self._host) if self._host else list(buffers)
         self._check_buckets()
 
@@ -189,7 +195,8 @@ class GradientSync:
         return dict(self.transport.stats)
 
 
-def build(ctx, cfg, out, model, events) -> GradientSync:
+def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
+          events: Callable[[dict], None]) -> GradientSync:
     """The synchronizer a job asks for: buckets, algorithm, transport, fault plan, ledger,
     checks, for the gradients of ``model``.
 
@@ -198,8 +205,8 @@ def build(ctx, cfg, out, model, events) -> GradientSync:
     has rank-level faults (crash, slow), which act at the start of a collective.
     """
     f = cfg.faults
-    rules = [dataclasses.asdict(r) for r in f.rules]
-    injector = FaultInjector(plan_from_config(rules, f.seed), ctx.rank, events) if rules else None
+    rules = f.rules
+    injector = FaultInjector(FaultPlan(rules, f.seed), ctx.rank, events) if rules else None
     ledger = Ledger(out, ctx.rank, ctx.size, ctx.comm) if cfg.sync.ledger else None
     transport = None
     if cfg.sync.algorithm != "native" or injector is not None:
@@ -215,19 +222,10 @@ def build(ctx, cfg, out, model, events) -> GradientSync:
                         checks, buckets)
 
 
-def _on_gpu(buffers: list) -> bool:
-    return bool(buffers) and hasattr(buffers[0], "__cuda_array_interface__")
-
-
-def _pinned_like(buf) -> np.ndarray:
-    import cupyx
-    return cupyx.empty_pinned(buf.shape, buf.dtype)
-
-
-def verify_replicas(comm, params: list, step: int) -> None:
+def verify_replicas(comm: Any, params: list, step: int) -> None:
     """Collective: raise DivergenceError on every rank if the replicas' parameters differ.
 
     ``params`` are the per-layer flat parameter buffers (host or GPU); ``step`` 0 means
     before the first step.  Names the first differing layer and the ranks that differ.
     """
-    check_replicas(comm, [[p.get() if hasattr(p, "get") else p] for p in params], step)
+    check_replicas(comm, [[to_host(p, copy=False)] for p in params], step)

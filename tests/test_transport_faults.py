@@ -188,12 +188,15 @@ def test_injector_decisions_do_not_depend_on_call_order():
 
 
 def test_bad_rules_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown fault kind"):
+    """Rules built in code are checked by the same schema as a job file's rules."""
+    with pytest.raises(ConfigError, match="kind = \"explode\": allowed values are 'drop'"):
         FaultRule("explode")
-    with pytest.raises(ConfigError, match="unknown phase"):
+    with pytest.raises(ConfigError, match="phase = \"scatter\": allowed values are"):
         FaultRule("drop", phase="scatter")
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown key 'sorce'.*did you mean 'src'"):
         FaultPlan([{"kind": "drop", "sorce": 1}])
+    with pytest.raises(ConfigError, match="probability = 1.5: must be <= 1.0"):
+        FaultRule("drop", probability=1.5)
     with pytest.raises(ConfigError, match="needs `rank`"):
         FaultRule("crash", step=2)
 

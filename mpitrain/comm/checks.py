@@ -32,11 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.errors import DivergenceError, NumericsError, SyncError
-
-
-class ReductionError(SyncError):
-    """The reduced gradient is not the sum of the ranks' gradients (all ranks agree on it)."""
+from mpitrain.errors import DivergenceError, NumericsError, ReductionError, SyncError
 
 
 def layer_hashes(layers: Sequence[Iterable[np.ndarray]]) -> list[str]:
@@ -110,9 +106,8 @@ def check_replicas(comm, layers: Sequence[Iterable[np.ndarray]], step: int, lost
                 "the same [model] init file" if step == 0 else
                 "lossy delivery lost a message in an allgather/broadcast: only its receiver(s) "
                 "got the wrong gradient")
-        err = DivergenceError(msg, hint=hint, reporter=0)
-        err.step, err.layer, err.ranks, err.groups = step, i, diverged, groups
-        raise err
+        raise DivergenceError(msg, hint=hint, reporter=0, step=step, layer=i, ranks=diverged,
+                              groups=groups)
 
 
 class SumCheck:
@@ -172,9 +167,8 @@ class SumCheck:
                     "corruption by CRC")
         self._local.clear()
         self._reduced.clear()
-        err = NumericsError(msg, hint=hint, reporter=0)
-        err.step, err.layer, err.ranks = step, layer, sources or seen
-        raise err
+        raise NumericsError(msg, hint=hint, reporter=0, step=step, layer=layer,
+                            ranks=sources or seen)
 
     def verify(self, comm, step: int, lost=None, *, checksums: bool = True,
                told: Sequence[str] = (), fused: dict[int, int] | None = None) -> None:
@@ -207,30 +201,29 @@ class SumCheck:
         ranks = [r for r, b in enumerate(table) if any(i == layer for i, *_ in b)]
         got, want = next((g, w) for i, g, w in table[ranks[0]] if i == layer)
         lost_txt = (" Messages lost: " + "; ".join(extra) + ".") if extra else ""
+        where = dict(reporter=0, step=step, layer=layer, ranks=ranks)
         if not extra and not checksums:  # nothing lost: a message arrived, but altered
-            err = _altered(step, layer, ranks, p, got, want,
+            raise _altered(step, layer, ranks, p, got, want,
                            sorted({t for ts in comm.allgather(list(told)) for t in ts}))
-        elif len(ranks) == p:
-            err: SyncError = ReductionError(
+        if len(ranks) == p:
+            raise ReductionError(
                 f"end-to-end check failed at step {step}, layer {layer}: the reduced gradient sums "
                 f"to {got:.9g} on every rank but the ranks' gradients sum to {want:.9g}: a "
                 f"contribution was lost during the reduction (all replicas are equally wrong, so "
                 f"the replica hash cannot see it).{lost_txt}",
                 hint="a message was lost in a reduce-scatter/reduce phase; use delivery = "
-                     "\"reliable\" or \"strict\"", reporter=0)
-        else:
-            err = DivergenceError(
-                f"end-to-end check failed at step {step}, layer {layer} on rank"
-                f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} only: their reduced "
-                f"gradient sums to {got:.9g}, expected {want:.9g}; the replicas diverge.{lost_txt}",
-                hint="a message was lost on its way to these ranks (allgather/broadcast)", reporter=0)
-        err.step, err.layer, err.ranks = step, layer, ranks
-        raise err
+                     "\"reliable\" or \"strict\"", **where)
+        raise DivergenceError(
+            f"end-to-end check failed at step {step}, layer {layer} on rank"
+            f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} only: their reduced "
+            f"gradient sums to {got:.9g}, expected {want:.9g}; the replicas diverge.{lost_txt}",
+            hint="a message was lost on its way to these ranks (allgather/broadcast)", **where)
 
 
 def _altered(step: int, layer: int, ranks: list[int], p: int, got: float, want: float,
              told: list[str]) -> SyncError:
     """The error for an off sum with nothing lost, on a transport without checksums."""
+    where: dict = dict(reporter=0, step=step, layer=layer, ranks=ranks)
     told_txt = (" Injected faults: " + "; ".join(told) + ".") if told else ""
     hint = ("the messages carry no checksum (lossy delivery, or [faults] checksum = \"none\"); "
             "with checksum = \"crc32c\", strict delivery names the corrupted message and "
@@ -240,9 +233,9 @@ def _altered(step: int, layer: int, ranks: list[int], p: int, got: float, want: 
             f"end-to-end check failed at step {step}, layer {layer}: the reduced gradient sums "
             f"to {got:.9g} on every rank but the ranks' gradients sum to {want:.9g}: a message "
             f"was altered in flight and no checksum caught it (all replicas are equally wrong, "
-            f"so the replica hash cannot see it).{told_txt}", hint=hint, reporter=0)
+            f"so the replica hash cannot see it).{told_txt}", hint=hint, **where)
     return DivergenceError(
         f"end-to-end check failed at step {step}, layer {layer} on {ranks_text(ranks)} only: "
         f"their reduced gradient sums to {got:.9g}, expected {want:.9g}; the replicas diverge: "
         f"a message to them was altered in flight and no checksum caught it.{told_txt}",
-        hint=hint, reporter=0)
+        hint=hint, **where)

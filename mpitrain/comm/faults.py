@@ -28,88 +28,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-from mpitrain.errors import ConfigError
+from mpitrain.schema import COLLECTIVE_KINDS, MESSAGE_KINDS, FaultRule
 
-KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder", "crash", "slow")
-MESSAGE_KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder")
-COLLECTIVE_KINDS = ("crash", "slow")
-PHASES = ("reduce_scatter", "allgather", "exchange", "reduce", "broadcast")
-ALGORITHM_PHASES = {"ring": ("reduce_scatter", "allgather"), "recursive_doubling": ("exchange",),
-                    "tree": ("reduce", "broadcast")}
-CORRUPT_MODES = ("bitflip", "nan")
 CRASH_EXIT_CODE = 70  # exit status of a rank killed by a "crash" rule
 
 
 @dataclass(frozen=True)
-class FaultRule:
-    """One rule of a fault plan.
-
-    ``kind`` is one of :data:`KINDS`.  The filters ``step``, ``layer``, ``src``,
-    ``dst``, ``phase``, ``chunk`` are ``None`` (match anything) or a value the
-    message must have.  ``probability`` is the chance that a matching message is
-    hit; ``count`` the most messages the rule hits per sending rank.
-    ``delay_ms`` is the delay of a "delay" fault and the sleep of a "slow"
-    rank; ``corrupt`` is "bitflip" or "nan".  ``rank`` (or, if unset, ``src``)
-    names the rank of a "crash" or "slow" rule.
-    """
-
-    kind: str
-    step: int | None = None
-    layer: int | None = None
-    src: int | None = None
-    dst: int | None = None
-    phase: str | None = None
-    chunk: int | None = None
-    probability: float = 1.0
-    count: int | None = None
-    delay_ms: float = 0.0
-    corrupt: str = "bitflip"
-    rank: int | None = None
-
-    def __post_init__(self) -> None:
-        def bad(msg: str) -> ConfigError:
-            return ConfigError(f"fault rule {self.kind!r}: {msg}")
-
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown fault kind {self.kind!r}",
-                              hint=f"use one of {', '.join(KINDS)}")
-        if self.phase is not None and self.phase not in PHASES:
-            raise bad(f"unknown phase {self.phase!r} (use one of {', '.join(PHASES)})")
-        if self.corrupt not in CORRUPT_MODES:
-            raise bad(f"corrupt must be 'bitflip' or 'nan', not {self.corrupt!r}")
-        if not 0.0 <= float(self.probability) <= 1.0:
-            raise bad(f"probability must be in [0, 1], not {self.probability}")
-        if self.count is not None and self.count < 0:
-            raise bad("count must be >= 0")
-        if self.delay_ms < 0:
-            raise bad("delay_ms must be >= 0")
-        if self.kind in COLLECTIVE_KINDS and self.target_rank is None:
-            raise bad("needs `rank` (or `src`): the rank that crashes / is slow")
-
-    @property
-    def target_rank(self) -> int | None:
-        """The rank a crash/slow rule acts on."""
-        return self.rank if self.rank is not None else self.src
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FaultRule":
-        """Build a rule from a job-file table; unknown keys are a ConfigError."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown key(s) in fault rule: {', '.join(unknown)}",
-                              hint=f"allowed: {', '.join(sorted(names))}")
-        if "kind" not in d:
-            raise ConfigError("fault rule without `kind`")
-        return cls(**dict(d))
-
-
-@dataclass(frozen=True)
 class FaultPlan:
-    """The rules and the seed; identical on every rank."""
+    """The rules and the seed; identical on every rank.  Rules may be given as
+    :class:`~mpitrain.schema.FaultRule` or as tables of keys (validated like a job file's)."""
 
     rules: tuple[FaultRule, ...] = ()
     seed: int = 0
@@ -246,8 +176,3 @@ def describe(ev: Mapping[str, Any] | None) -> str:
     if kind == "crash":
         return f"crash of rank {ev.get('rank')} at step {ev.get('step')} ({where})"
     return f"{kind} ({where})"
-
-
-def plan_from_config(rules: Sequence[Mapping[str, Any]], seed: int) -> FaultPlan:
-    """Convenience for config.py: ``[[faults.rules]]`` tables + ``faults.seed``."""
-    return FaultPlan([FaultRule.from_dict(r) for r in rules], seed)

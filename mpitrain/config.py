@@ -189,13 +189,25 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 
 def _read_toml(path: Path) -> dict:
+    """The tables of a job file.  UTF-8, with or without a byte-order mark (as some editors
+    write it); anything else is one message naming the line."""
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"job file {path} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"job file {path} cannot be read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} "
+                          f"cannot be decoded",
+                          hint="save the job file as UTF-8 (TOML files are UTF-8)") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 

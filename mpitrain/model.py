@@ -28,6 +28,7 @@ import numpy as np
 
 from .backend import to_host
 from .errors import ConfigError
+from .schema import suggest
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -159,6 +160,12 @@ class MLP:
                     raise ConfigError(f"{where}: {name} has shape {value.shape}, the model "
                                       f"needs {expected[name]} (y = x @ W + b, W is fan_in x "
                                       f"fan_out)")
+                if value.dtype.kind not in "biuf" or not np.isfinite(value).all():
+                    raise ConfigError(f"{where}: {name} holds "
+                                      f"{'non-numbers' if value.dtype.kind not in 'biuf' else 'NaN or Inf'}"
+                                      f"; parameters must be finite real numbers",
+                                      hint="write the parameter file again, or use an init "
+                                           "scheme (" + ", ".join(INIT_SCHEMES) + ")")
                 getattr(p, k)[...] = self.xp.asarray(value.astype(self.dtype))
 
     def load_file(self, path: str | Path) -> None:
@@ -166,7 +173,10 @@ class MLP:
         try:
             z = np.load(path)
         except FileNotFoundError:
-            raise ConfigError(f"{where}: no such file") from None
+            close = suggest(str(path), INIT_SCHEMES)
+            raise ConfigError(f"{where}: no such file, and not an init scheme{close}",
+                              hint="use one of " + ", ".join(INIT_SCHEMES) +
+                                   ", or a path to an .npz of parameters") from None
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise ConfigError(f"{where}: not a readable .npz ({exc})") from None
         if not isinstance(z, np.lib.npyio.NpzFile):

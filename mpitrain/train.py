@@ -15,14 +15,15 @@ stop signal the context's: this module is the loop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 
 from . import checkpoint, data
 from .comm.allreduce import wait_native
+from .comm.checks import ranks_text
 from .config import JobConfig
 from .context import RankContext, StopSignal
 from .errors import DataError, DivergenceError, NumericsError, Preempted, ReductionError
@@ -47,6 +48,7 @@ class Setup:
     optim: Optimizer
     total_steps: int
     start_step: int
+    warnings: list[tuple[int, str]] = field(default_factory=list)  # (step, message) let through
 
 
 def train(ctx: RankContext, cfg: JobConfig, resume: bool = False) -> dict:
@@ -77,7 +79,10 @@ def run(ctx: RankContext, cfg: JobConfig, s: Setup, resume: bool = False) -> dic
     try:
         verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
         sync = build_sync(ctx, cfg, s.out, s.model, fault_log)
-        summary = _loop(ctx, cfg, s, sync, metrics, stop)
+        # NaN/Inf are the harness's to find and name (see _loss_not_finite, sync.verify):
+        # NumPy's own overflow warnings would only add noise, once per rank.
+        with np.errstate(all="ignore"):
+            summary = _loop(ctx, cfg, s, sync, metrics, stop)
         report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
     finally:
         stop.restore()
@@ -91,10 +96,11 @@ def setup(ctx: RankContext, cfg: JobConfig) -> Setup:
     failure on one rank can be agreed on by all (``World.collective_errors``)."""
     out = cfg.out_dir(ctx.slurm.job_id)
     try:
-        dataset = data.load(cfg.data, cfg.run.seed)
+        dataset = data.load(cfg.data, cfg.run.seed, ctx.rank, ctx.size)
         train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
-        data.check_fits(dataset, len(train_idx), cfg.model.layers[-1], cfg.data.batch_size,
-                        ctx.size, cfg.data.tail)
+        data.check_values(dataset, val_idx, ctx.rank, ctx.size)
+        data.check_fits(dataset, len(train_idx), cfg.model.layers[-1], cfg.model.loss,
+                        cfg.data.batch_size, ctx.size, cfg.data.tail)
     except DataError as err:  # name the job file, like config errors do
         err.message = f"{cfg.path or 'built-in job'}: {err.message}"
         raise
@@ -130,7 +136,7 @@ def _loop(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
             epoch_sums[:] = 0
         _end_of_step(ctx, cfg, s, sync, metrics, step, stop_now)
 
-    _checked(cfg, metrics, s.total_steps,
+    _checked(cfg, s, metrics, s.total_steps,
              lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.total_steps))
     if ctx.is_root:
         checkpoint.write_npz(s.out / "model.npz", s.model.state())
@@ -152,7 +158,7 @@ def _end_of_step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
     if check or (stop_now and not last):
         sync.fence(step)
     if check:
-        _checked(cfg, metrics, step,
+        _checked(cfg, s, metrics, step,
                  lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], step))
     if stop_now and not last:  # on the last step, finishing is the best checkpoint
         _save_checkpoint(ctx, cfg, s, step)
@@ -188,13 +194,12 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
     # ranks (what the allreduce computes) is their mean over the global batch.
     out = model.forward(x)
     loss_sum, dz = model.loss(out, y, 1.0 / n_global)
-    if not np.isfinite(loss_sum):
-        raise NumericsError(f"rank {ctx.rank}: the loss is {loss_sum} at step {step}",
-                            hint="lower [optim] lr, or check the data for NaN/Inf")
     correct = model.correct(out, y) if s.dataset.classes is not None else 0
     # The step's statistics travel in one small allreduce that overlaps the backward pass;
-    # the stop flag in it makes every rank stop at the same step after a signal.
-    stats = np.array([loss_sum, correct, len(idx), stop.requested], dtype=np.float64)
+    # the stop flag in it makes every rank stop at the same step after a signal, and the
+    # count of ranks whose loss is not finite makes them all raise the same error.
+    finite = bool(np.isfinite(loss_sum))
+    stats = np.array([loss_sum, correct, len(idx), stop.requested, not finite], np.float64)
     stats_req = ctx.sum_async(stats)
 
     # Backward, handing each layer to the synchronizer as soon as it is ready.
@@ -206,13 +211,15 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
     wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}",
                 oversubscribed=ctx.oversubscribed)
     waited += time.perf_counter() - t_wait
+    if stats[4]:
+        _loss_not_finite(ctx, s, step, float(loss_sum))
     # end-to-end checks (lossy delivery, fault plans), before the update
-    _checked(cfg, metrics, step, lambda: sync.verify(step))
+    _checked(cfg, s, metrics, step, lambda: sync.verify(step))
 
     lr = learning_rate(cfg.optim, step, s.total_steps)
     s.optim.step([g.flat for g in model.grads], lr)
     total = time.perf_counter() - t_start
-    loss, correct, samples, stop_votes = stats
+    loss, correct, samples, stop_votes, _ = stats
     record = {"step": step, "epoch": epoch, "loss": loss,
               "accuracy": correct / samples if s.dataset.classes is not None else None,
               "correct": int(correct), "lr": lr, "samples": int(samples),
@@ -222,7 +229,8 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
     return record, stop_votes > 0
 
 
-def _checked(cfg: JobConfig, metrics: Metrics, step: int, check: Callable[[], None]) -> None:
+def _checked(cfg: JobConfig, s: Setup, metrics: Metrics, step: int,
+             check: Callable[[], None]) -> None:
     """Run a collective consistency check; with on_divergence = "warn", report and go on.
 
     The checks raise on every rank together, so every rank takes the same branch.  NaNs
@@ -233,8 +241,24 @@ def _checked(cfg: JobConfig, metrics: Metrics, step: int, check: Callable[[], No
     except (DivergenceError, ReductionError) as err:
         if cfg.faults.on_divergence != "warn":
             raise
+        s.warnings.append((step, err.message))
         metrics.event("divergence", step, message=err.message)
         metrics.note(f"mpitrain: warning: {err.message}")
+
+
+def _loss_not_finite(ctx: RankContext, s: Setup, step: int, loss: float) -> NoReturn:
+    """Collective (every rank saw the count in the step's statistics): raise one error naming
+    the ranks whose loss is NaN/Inf and, after replica warnings, the first of them."""
+    losses = ctx.comm.allgather(loss)
+    bad = [r for r, v in enumerate(losses) if not np.isfinite(v)]
+    message = (f"{ranks_text(bad)}: the loss is {losses[bad[0]]} at step {step}")
+    hint = "lower [optim] lr, or check the data for NaN/Inf"
+    if s.warnings:
+        first_step, first = s.warnings[0]
+        message += (f", after {len(s.warnings)} replica warning(s) (on_divergence = \"warn\"); "
+                    f"the first, at step {first_step}: {first}")
+        hint = "the replicas drifted apart first: use delivery = \"reliable\" or \"strict\""
+    raise NumericsError(message, hint=hint, reporter=0, step=step, ranks=bad)
 
 
 def _end_of_epoch(ctx: RankContext, s: Setup, sync: GradientSync, metrics: Metrics, step: int,

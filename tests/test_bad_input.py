@@ -81,16 +81,71 @@ def test_file_with_wrong_arrays(tmp_path):
     check_one_message(res, ["has no array 'x'", "it has: inputs, y"], None)
 
 
-def test_nan_loss_on_one_rank_aborts_the_job_without_hanging(tmp_path):
-    """A NaN in one rank's shard: that rank names itself, the job ends, nobody hangs."""
+def file_job(tmp_path, x, y, *extra, save=np.savez, ranks=2):
+    """Run a 2-layer job on the data file holding ``x`` and ``y``."""
+    path = tmp_path / "d.npz"
+    save(path, x=x, y=y)
+    args = ["run", "--set", 'data.source="file"', "--set", f'data.path="{path}"',
+            "--set", "data.batch_size=8", "--set", "model.layers=[4, 2]",
+            "--set", f'run.out="{tmp_path}/o"', "--set", "run.steps=3"]
+    for item in extra:
+        args += ["--set", item]
+    return mpitrain(ranks, args, timeout=60)
+
+
+BAD_DATA = [  # (x, y, how it is saved, expected message parts): one per class of bad data
+    (np.ones((64, 3)), np.arange(64) % 2, np.savez, []),  # the good case: trains
+    (np.where(np.arange(64)[:, None] == 40, np.nan, np.ones((64, 3))), np.arange(64) % 2,
+     np.savez, ["array 'x' holds nan at row 40, column 0", "np.isfinite"]),
+    (np.ones((64, 3)), np.where(np.arange(64) == 5, np.inf, 1.0), np.savez,  # y: float targets
+     ["array 'y' holds inf at row 5"]),
+    (np.ones((64, 3)).astype(complex), np.arange(64) % 2, np.savez,
+     ["array 'x' holds complex numbers", "x.real, x.imag"]),
+    (np.array([["a"] * 3] * 64), np.arange(64) % 2, np.savez, ["array 'x' holds text"]),
+    (np.array([[object()] * 3] * 64, dtype=object), np.arange(64) % 2, np.savez_compressed,
+     ["array 'x' holds Python objects", "x.astype(np.float32)"]),
+    (np.array([[object()] * 3] * 64, dtype=object), np.arange(64) % 2, np.savez,
+     ["array 'x' holds Python objects", "x.astype(np.float32)"]),
+    (np.ones((0, 3)), np.zeros(0, int), np.savez, ["x holds no data (shape (0, 3))"]),
+    (np.ones((64, 3)), (np.arange(64) % 2) * 1_000_000, np.savez,
+     ["its labels go up to 1000000, with only 2 distinct values", "number the labels 0..1"]),
+    (np.ones((64, 3)), (np.arange(64) % 2).astype(float), np.savez,
+     ["needs class labels", "whole numbers stored as floats", "y.astype(np.int64)"]),
+]
+
+
+@pytest.mark.parametrize("x,y,save,parts", BAD_DATA,
+                         ids=["good"] + [p[0][:30] for *_, p in BAD_DATA[1:]])
+def test_bad_data_is_one_message_at_load(tmp_path, x, y, save, parts):
+    """Each class of bad data is found when the file is loaded, whichever rank reads it,
+    validation rows included: one message naming the array, the row and what to do."""
+    res = file_job(tmp_path, x, y, save=save)
+    if not parts:
+        assert res.returncode == 0, res.output
+        return
+    check_one_message(res, parts, None)
+    assert "step 1" not in res.stderr  # found before training, not when a row is drawn
+
+
+def test_a_flipped_byte_in_a_stored_npz_is_refused(tmp_path):
     x = np.ones((64, 3))
-    x[40] = np.nan  # with batch 8 on 2 ranks and no shuffling, rank 1 meets it at step 3
-    np.savez(tmp_path / "d.npz", x=x, y=np.arange(64) % 2)
-    res = mpitrain(2, ["run", "--set", 'data.source="file"', "--set",
-                       f'data.path="{tmp_path / "d.npz"}"', "--set", "data.shuffle=false",
-                       "--set", "data.val_fraction=0.0", "--set", "data.batch_size=8",
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(64) % 2)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(np.ones(1).tobytes())  # the first float of x
+    raw[at] ^= 0x10
+    path.write_bytes(raw)
+    res = mpitrain(2, ["run", "--set", 'data.source="file"', "--set", f'data.path="{path}"',
                        "--set", "model.layers=[4, 2]", "--set", f'run.out="{tmp_path}/o"'],
                    timeout=60)
-    assert res.returncode != 0
-    assert "rank 1: the loss is nan at step 3" in res.stderr, res.output
-    assert "Traceback" not in res.output
+    check_one_message(res, ["array 'x' is damaged", "CRC-32"], None)
+
+
+def test_a_nan_loss_is_one_message_naming_its_rank(tmp_path):
+    """The loss turns NaN on every rank at once (a huge lr): one message, one exit status,
+    no NumPy warnings and no MPI abort noise."""
+    res = file_job(tmp_path, np.random.default_rng(0).normal(size=(64, 3)), np.arange(64) % 2,
+                   "optim.lr=1e30", "optim.name=\"sgd\"", "run.steps=6", "data.val_fraction=0.0")
+    check_one_message(res, ["ranks 0, 1: the loss is", "lower [optim] lr"], None)
+    assert res.returncode == 3
+    assert "RuntimeWarning" not in res.output and "Abort" not in res.output

@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/mpitrain run -n $(NP) $(JOB)
+	$(BIN)/mpitrain run -n $(NP) $(JOB) --overwrite
 
 test: install
 	$(BIN)/python -m pytest -ra

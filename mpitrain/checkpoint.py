@@ -9,24 +9,32 @@ parameter-file keys, the optimizer state under ``optim.*``, and ``meta`` (JSON: 
 ranks, per-rank batch) so that a resume can refuse a run it would not reproduce.
 
 The resume policy lives here too: what a checkpoint and the run resuming it must share
-(:func:`resume_identity`), the collective :func:`restore`, and what a fresh start in a used
-folder removes (:func:`forget_earlier_run`).
+(:func:`resume_identity`: everything that changes the mathematics, the data's content
+included) and the collective :func:`restore`; and the rule that a fresh start never destroys
+an earlier run: it refuses (:func:`check_fresh_start`), or with ``--overwrite`` moves the
+earlier run aside until the new one has written its first checkpoint.
+
+Files are written with the mode the umask gives (as ``open`` would), not the 0600 of a
+temporary file.
 """
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MpitrainError
+from .errors import ConfigError, MpitrainError
 
 if TYPE_CHECKING:
     from .config import JobConfig
@@ -35,6 +43,8 @@ if TYPE_CHECKING:
     from .optim import Optimizer
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.npz$")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
@@ -42,6 +52,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], object]) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -70,6 +81,7 @@ def save(out: Path, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: 
     write_npz(path, {**arrays, "meta": np.array(json.dumps({**meta, "step": step}))})
     for old in list_checkpoints(out)[:-keep]:
         old.unlink(missing_ok=True)
+    forget_set_aside(out)
     return path
 
 
@@ -94,20 +106,45 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # --------------------------------------------------------------------------- resume policy
-def resume_identity(size: int, cfg: JobConfig) -> dict[str, Any]:
-    """What a checkpoint's run and a resuming run must share to be the same training."""
-    return {"ranks": size, "batch_size": cfg.data.batch_size, "seed": cfg.run.seed,
-            "shuffle": cfg.data.shuffle, "tail": cfg.data.tail, "source": cfg.data.source,
-            "layers": list(cfg.model.layers), "dtype": cfg.model.dtype,
-            "optimizer": cfg.optim.name}
+#: Job keys a resumed run may change without a word: how the run is driven, reported and
+#: synchronized, not what it computes.  ``run.steps``/``run.epochs`` extend or shorten the
+#: run; another ``[sync]`` algorithm or bucket layout adds gradients in another order, so
+#: at 3+ ranks the last bits may differ.  Every other key needs ``--allow-change KEY``.
+RESUME_MAY_CHANGE = ("run.steps", "run.epochs", "run.out", "run.checkpoint_every",
+                     "run.keep_checkpoints", "run.log_every", "run.progress", "run.blas_threads",
+                     "run.device", "sync.*", "faults.*")
 
 
-def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Optimizer) -> int:
-    """Collective: load the newest checkpoint (read by rank 0, broadcast); return its step.
+def _may_change(name: str, allowed: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*RESUME_MAY_CHANGE, *allowed))
 
-    Returns 0 when there is no checkpoint (a fresh start).  Every rank raises the same error
-    if rank 0 cannot read it or it belongs to a different training (other ranks, batch,
-    seed, data order, model or optimizer).
+
+def resume_identity(size: int, cfg: JobConfig, data_fingerprint: str) -> dict[str, Any]:
+    """Everything that makes a run the mathematics it is: the rank count, the data's content,
+    and every job key outside :data:`RESUME_MAY_CHANGE` (``section.key`` -> value)."""
+    identity: dict[str, Any] = {"ranks": size, "data.content": data_fingerprint}
+    for sec in ("run", "data", "model", "optim", "sync", "faults"):
+        for f in dataclasses.fields(getattr(cfg, sec)):
+            name = f"{sec}.{f.name}"
+            if not _may_change(name, ()):
+                identity[name] = _plain(getattr(getattr(cfg, sec), f.name))
+    return identity
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-comparable value (lists stay lists, dataclasses become dicts)."""
+    return json.loads(json.dumps(value, default=lambda o: dataclasses.asdict(o)))
+
+
+def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Optimizer,
+            identity: dict[str, Any], allowed: Sequence[str] = ()
+            ) -> tuple[int, dict[str, tuple[Any, Any]]]:
+    """Collective: load the newest checkpoint (read by rank 0, broadcast).
+
+    Returns (its step, the allowed changes ``key -> (old, new)``); (0, {}) when there is no
+    checkpoint (a fresh start).  Every rank raises the same error if rank 0 cannot read it,
+    or if it belongs to a different training: every key of ``identity`` that differs and is
+    not in ``allowed`` (patterns like ``optim.lr`` or ``optim.*``) is named.
     """
     loaded: Any = None
     if ctx.is_root:
@@ -121,16 +158,23 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
         loaded.reporter = 0
         raise loaded
     if loaded is None:
-        return 0
+        return 0, {}
     arrays, meta = loaded
-    mine = resume_identity(ctx.size, cfg)
-    differ = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in mine.items() if meta.get(k) != v]
-    if differ:
+    if "identity" not in meta:
+        raise MpitrainError(f"the checkpoint of step {meta['step']} in {out} was written by an "
+                            f"older mpitrain, which did not record what it trained",
+                            hint="resume it with that version, or start afresh in a new "
+                                 "[run] out", reporter=0)
+    old = meta["identity"]
+    changed = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+    refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if not _may_change(k, allowed)]
+    if refused:
         raise MpitrainError(
             f"the checkpoint of step {meta['step']} in {out} belongs to a different training "
-            f"({'; '.join(differ)}): resuming it would not continue the same run",
-            hint="resume with the job the checkpoint was written by, or use a new [run] out",
-            reporter=0)
+            f"({'; '.join(refused)}): resuming it would not continue the same run",
+            hint="resume with the job the checkpoint was written by, use a new [run] out, or "
+                 "accept a deliberate change with --allow-change KEY (e.g. --allow-change "
+                 "optim.lr)", reporter=0)
     try:
         model.load_state({k: v for k, v in arrays.items() if k.startswith("layers.")},
                          f"checkpoint step {meta['step']}")
@@ -138,23 +182,86 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
     except (MpitrainError, KeyError, ValueError) as exc:
         raise MpitrainError(f"the checkpoint of step {meta['step']} in {out} does not fit this "
                             f"job: {exc}", hint="use a new [run] out", reporter=0) from None
-    return int(meta["step"])
+    return int(meta["step"]), changed
 
 
-def forget_earlier_run(out: Path, size: int) -> None:
-    """A fresh start in a used folder: nothing of an earlier run may mix with this one.
+# --------------------------------------------------------------------------- earlier runs
+#: What a run writes into its folder (besides trace and report files of later tools).
+RUN_FILES = ("model.npz", "metrics.jsonl", "events.jsonl", "config.toml", "checkpoints",
+             "ledger-rank*.jsonl", "faults-rank*.jsonl")
+REPLACED = ".replaced"  # an earlier run moved aside by --overwrite until the new one checkpoints
 
-    Its checkpoints must never be resumed by mistake, and its metrics, events and per-rank
-    logs of ranks this run does not have must not be read as this run's.  (Rank 0 only; the
-    per-rank logs of ranks < size are rewritten by their ranks.)
-    """
-    old = list_checkpoints(out)
-    stale = [out / "metrics.jsonl", out / "events.jsonl"]
+
+def earlier_run(out: Path) -> list[Path]:
+    """The files of an earlier run in ``out`` (empty: none, or nothing worth keeping)."""
+    if not out.is_dir():
+        return []
+    found = [p for pattern in RUN_FILES for p in sorted(out.glob(pattern))]
+    results = (out / "model.npz").exists() or (out / "metrics.jsonl").exists() \
+        or bool(list_checkpoints(out))
+    return found if results else []
+
+
+def check_fresh_start(out: Path, overwrite: bool) -> None:
+    """A fresh start must not destroy an earlier run: refuse unless ``overwrite``.
+
+    Also puts back an earlier run that an ``--overwrite`` run moved aside and then died
+    before its first checkpoint (rank 0 only, before anything is written)."""
+    _put_back_replaced(out)
+    found = earlier_run(out)
+    if found and not overwrite:
+        checkpoints = list_checkpoints(out)
+        what = ", ".join(p.name for p in found if p.name != "checkpoints")
+        if checkpoints:
+            what += f", {len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}"
+        raise ConfigError(f"[run] out = {str(out)!r} holds an earlier run ({what}); a fresh "
+                          f"start would replace it",
+                          hint="continue it with --resume, write elsewhere with --set "
+                               "run.out=..., or replace it with --overwrite (it is kept "
+                               "until the new run writes its first checkpoint)")
+
+
+def set_aside(out: Path) -> None:
+    """``--overwrite``: move the earlier run's files into ``out/.replaced`` (rank 0); they
+    are deleted by the new run's first checkpoint (:func:`save`), or put back if it dies
+    before (:func:`put_back`)."""
+    found = earlier_run(out)
+    if not found:
+        return
+    aside = out / REPLACED
+    aside.mkdir()
+    for path in found:
+        path.rename(aside / path.name)
+    print(f"mpitrain: --overwrite: the earlier run in {out} is kept in {aside} until this run "
+          f"writes its first checkpoint", file=sys.stderr)
+
+
+def put_back(out: Path) -> None:
+    """The new run failed before its first checkpoint: restore the run it was replacing."""
+    _put_back_replaced(out)
+
+
+def _put_back_replaced(out: Path) -> None:
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    for path in out.glob("*"):  # what the failed run wrote
+        if path.name != REPLACED and any(fnmatch.fnmatchcase(path.name, p) for p in RUN_FILES):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in aside.iterdir():
+        path.rename(out / path.name)
+    aside.rmdir()
+
+
+def forget_set_aside(out: Path) -> None:
+    """The new run has a checkpoint: the run it replaced is gone for good."""
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
+
+
+def drop_stale_rank_logs(out: Path, size: int) -> None:
+    """Per-rank logs of ranks this run does not have must not be read as this run's (rank 0;
+    the logs of ranks < size are rewritten by their ranks)."""
     for pattern in ("ledger-rank*.jsonl", "faults-rank*.jsonl"):
-        stale += [p for p in out.glob(pattern)
-                  if int(p.stem.rsplit("rank", 1)[1]) >= size]
-    for path in old + stale:
-        path.unlink(missing_ok=True)
-    if old:
-        print(f"mpitrain: starting afresh in {out}: removed {len(old)} checkpoint(s) of an "
-              f"earlier run (use --resume to continue one)", file=sys.stderr)
+        for p in out.glob(pattern):
+            if int(p.stem.rsplit("rank", 1)[1]) >= size:
+                p.unlink(missing_ok=True)

@@ -43,9 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
     run.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
                      help="add a fault rule, e.g. --fault 'kind=drop,step=3,layer=1'; repeatable")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the newest checkpoint in the output folder "
-                          "(starts fresh when there is none)")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in the output folder "
+                            "(starts fresh when there is none)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output folder that holds an earlier run; the "
+                            "earlier run is kept aside until this one writes its first "
+                            "checkpoint, and put back if it fails before")
+    run.add_argument("--allow-change", dest="allow_changes", action="append", default=[],
+                     metavar="KEY", help="with --resume: accept a deliberate change of KEY "
+                     "(e.g. optim.lr, or optim.*), recorded in events.jsonl; repeatable")
     run.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
                      help="start P ranks with the mpiexec that belongs to mpi4py")
     run.set_defaults(func=cmd_run)
@@ -106,11 +114,12 @@ def cmd_run(args) -> int:
             cfg = config.load(args.job, args.overrides, env, extra_rules=rules)
             ctx = context.RankContext.create(world, cfg, env)
             from . import train
-            prepared = train.setup(ctx, cfg)
+            mode = train.StartMode(args.resume, args.overwrite, tuple(args.allow_changes))
+            prepared = train.setup(ctx, cfg, mode)
         # From here on, every collective is matched on all ranks: a rank that fails alone
         # aborts the job (see _exit_on_error) instead of leaving the others waiting.
         ctx.connect(world)
-        summary = train.run(ctx, cfg, prepared, resume=args.resume)
+        summary = train.run(ctx, cfg, prepared, mode)
     except MpitrainError as err:
         _exit_on_error(err, world)
     except Exception:  # a bug: show where, and take the job down rather than hang it
@@ -183,6 +192,9 @@ def launch(args) -> int:
     for f in args.faults:
         argv += ["--fault", f]
     argv += ["--resume"] if args.resume else []
+    argv += ["--overwrite"] if args.overwrite else []
+    for key in args.allow_changes:
+        argv += ["--allow-change", key]
     # Keep the other ranks alive when one dies, so they can say which one did (hydra's
     # default kills them all at once, silently).  A rank that fails alone still takes the
     # job down with MPI_Abort.

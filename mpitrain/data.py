@@ -44,6 +44,7 @@ class Dataset:
     y: np.ndarray            # (n,) int labels, or (n, k) targets
     name: str
     classes: int | None      # number of classes for labels; None for regression targets
+    fingerprint: str = ""    # names the content (a resume must train on the same data)
 
     @property
     def features(self) -> int:
@@ -91,7 +92,7 @@ def digits() -> Dataset:
     with resources.files("mpitrain").joinpath("datasets/digits.npz").open("rb") as fh:
         with np.load(fh) as z:
             x, y = z["x"].astype(np.float64) / 16.0, z["y"].astype(np.int64)
-    return Dataset(x, y, "digits", 10)
+    return Dataset(x, y, "digits", 10, "digits")
 
 
 def synthetic(cfg: DataConfig, seed: int) -> Dataset:
@@ -107,11 +108,12 @@ def synthetic(cfg: DataConfig, seed: int) -> Dataset:
         centres = rng.normal(size=(cfg.classes, f))
         y = rng.integers(0, cfg.classes, size=n)
         x = centres[y] + cfg.noise * rng.normal(size=(n, f))
-        return Dataset(x, y, f"synthetic-classification-{cfg.classes}", cfg.classes)
+        return Dataset(x, y, f"synthetic-classification-{cfg.classes}", cfg.classes,
+                       "synthetic")  # the content follows from [data] keys and the seed
     x = rng.normal(size=(n, f))
     a, b = rng.normal(size=f) / np.sqrt(f), rng.normal(size=f) / np.sqrt(f)
     y = np.tanh(x @ a) + 0.5 * np.sin(x @ b) + cfg.noise * rng.normal(size=n)
-    return Dataset(x, y.reshape(n, 1), "synthetic-regression", None)
+    return Dataset(x, y.reshape(n, 1), "synthetic-regression", None, "synthetic")
 
 
 def from_file(path: Path, rank: int = 0, size: int = 1) -> Dataset:
@@ -154,7 +156,7 @@ def from_file(path: Path, rank: int = 0, size: int = 1) -> Dataset:
         y = y.reshape(-1, 1)
     elif _one_hot(y):  # one-hot rows: class labels too (accuracy is reported)
         classes = y.shape[1]
-    return Dataset(x, y, path.stem, classes)
+    return Dataset(x, y, path.stem, classes, _fingerprint(path))
 
 
 def _check_dtype(where: str, name: str, dtype: np.dtype) -> None:
@@ -171,6 +173,24 @@ def _check_dtype(where: str, name: str, dtype: np.dtype) -> None:
     raise DataError(f"{where}: array '{name}' holds {what} ({dtype}); mpitrain trains on real "
                     f"numbers (bool, integer or float arrays)",
                     hint=hint.get(dtype.kind, f"save {name} as a float or integer array"))
+
+
+def _fingerprint(path: Path, chunk: int = 1 << 24) -> str:
+    """A checksum of a data file's content: an .npz's members' CRC-32s, which its zip
+    directory already holds (checked against the bytes at load), or the CRC-32C of the
+    .npy files of a folder."""
+    if path.is_file():
+        with zipfile.ZipFile(path) as zf:
+            return "npz:" + ",".join(f"{i.filename}={i.CRC:08x}" for i in zf.infolist())
+    from crc32c import crc32c
+    sums = []
+    for name in ("x.npy", "y.npy"):
+        crc = 0
+        with open(path / name, "rb") as fh:
+            while block := fh.read(chunk):
+                crc = crc32c(block, crc)
+        sums.append(f"{name}={crc:08x}")
+    return "npy:" + ",".join(sums)
 
 
 def _one_hot(y: np.ndarray) -> bool:

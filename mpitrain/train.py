@@ -49,31 +49,63 @@ class Setup:
     total_steps: int
     start_step: int
     warnings: list[tuple[int, str]] = field(default_factory=list)  # (step, message) let through
+    identity: dict = field(default_factory=dict)  # what checkpoints record (resume_identity)
 
 
-def train(ctx: RankContext, cfg: JobConfig, resume: bool = False) -> dict:
+@dataclass(frozen=True)
+class StartMode:
+    """How a run starts in its output folder (the command line's --resume, --overwrite and
+    --allow-change): continue the newest checkpoint, or start afresh -- refusing to replace
+    an earlier run unless ``overwrite`` (see checkpoint.check_fresh_start)."""
+
+    resume: bool = False
+    overwrite: bool = False
+    allow_changes: tuple[str, ...] = ()  # job keys a resume may change (patterns)
+
+
+def train(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> dict:
     """Set up and run the job ``cfg`` on this rank (collective: every rank calls it)."""
-    return run(ctx, cfg, setup(ctx, cfg), resume)
+    return run(ctx, cfg, setup(ctx, cfg, mode), mode)
 
 
-def run(ctx: RankContext, cfg: JobConfig, s: Setup, resume: bool = False) -> dict:
-    """Collective: run the prepared job, first restoring the newest checkpoint if ``resume``.
+def run(ctx: RankContext, cfg: JobConfig, s: Setup, mode: StartMode = StartMode()) -> dict:
+    """Collective: run the prepared job, first restoring the newest checkpoint if
+    ``mode.resume``.  Returns a summary (steps, output folder, the last step's metrics).
 
-    Returns a summary (steps, output folder, the last step's metrics).
+    A fresh start with ``mode.overwrite`` moves the earlier run aside; if this run fails
+    before its first checkpoint, the earlier run is put back.
     """
-    if resume:
-        s.start_step = checkpoint.restore(ctx, cfg, s.out, s.model, s.optim)
-    elif ctx.is_root:
-        checkpoint.forget_earlier_run(s.out, ctx.size)
+    identity = checkpoint.resume_identity(ctx.size, cfg, s.dataset.fingerprint)
+    changed: dict = {}
+    if mode.resume:
+        s.start_step, changed = checkpoint.restore(ctx, cfg, s.out, s.model, s.optim, identity,
+                                                   mode.allow_changes)
+    elif ctx.is_root and mode.overwrite:
+        checkpoint.set_aside(s.out)
+    try:
+        return _run(ctx, cfg, s, identity, changed)
+    except BaseException:
+        if ctx.is_root and mode.overwrite and not mode.resume:
+            checkpoint.put_back(s.out)
+        raise
+
+
+def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: dict) -> dict:
+    """Collective: the run itself, its outputs opened and closed around the loop."""
+    if ctx.is_root:
+        checkpoint.drop_stale_rank_logs(s.out, ctx.size)
     metrics = Metrics(s.out, ctx.is_root, cfg.run.progress, s.total_steps, cfg.run.log_every,
                       s.start_step)
+    s.identity = identity
     if ctx.is_root:
         checkpoint.write_text(s.out / "config.toml", cfg.to_toml())
         metrics.event("start", s.start_step, ranks=ctx.size, job=cfg.name,
                       slurm_job_id=ctx.slurm.job_id, slurm_restart_count=ctx.slurm.restart_count)
         if s.start_step:
             metrics.note(f"resumed from the checkpoint of step {s.start_step}")
-            metrics.event("resume", s.start_step)
+            metrics.event("resume", s.start_step, changed={k: list(v) for k, v in changed.items()})
+            for key, (old, new) in changed.items():
+                metrics.note(f"mpitrain: resumed with {key} changed: {old!r} -> {new!r}")
     fault_log = EventLog(s.out / f"faults-rank{ctx.rank}.jsonl", append=s.start_step > 0)
     stop = StopSignal()
     try:
@@ -91,10 +123,13 @@ def run(ctx: RankContext, cfg: JobConfig, s: Setup, resume: bool = False) -> dic
     return summary
 
 
-def setup(ctx: RankContext, cfg: JobConfig) -> Setup:
-    """Data, sampler, model and optimizer for this rank.  Local: no communication, so a
-    failure on one rank can be agreed on by all (``World.collective_errors``)."""
+def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Setup:
+    """Data, sampler, model and optimizer for this rank, and (rank 0) whether the output
+    folder may be started in.  Local: no communication, so a failure on one rank can be
+    agreed on by all (``World.collective_errors``)."""
     out = cfg.out_dir(ctx.slurm.job_id)
+    if ctx.is_root and not mode.resume:
+        checkpoint.check_fresh_start(out, mode.overwrite)
     try:
         dataset = data.load(cfg.data, cfg.run.seed, ctx.rank, ctx.size)
         train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
@@ -296,6 +331,6 @@ def evaluate(ctx: RankContext, model: MLP, dataset: data.Dataset, idx: np.ndarra
 
 def _save_checkpoint(ctx: RankContext, cfg: JobConfig, s: Setup, step: int) -> None:
     if ctx.is_root:
-        meta = {**checkpoint.resume_identity(ctx.size, cfg), "job": cfg.name}
+        meta = {"identity": s.identity, "job": cfg.name}
         checkpoint.save(s.out, step, {**s.model.state(), **s.optim.state_dict()}, meta,
                         cfg.run.keep_checkpoints)

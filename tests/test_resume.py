@@ -107,16 +107,66 @@ def test_resume_refuses_a_different_training(tmp_path):
                    timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.output
     assert res.stderr.count("mpitrain: error:") == 1
-    assert "belongs to a different training (layers [64, 10] -> [32, 10]; optimizer 'adam' -> 'sgd')" \
-        in res.stderr
+    assert ("belongs to a different training (model.layers [64, 10] -> [32, 10]; optim.name "
+            "'adam' -> 'sgd')") in res.stderr
 
 
-def test_a_fresh_start_forgets_an_earlier_run(tmp_path):
+@pytest.mark.parametrize("change,allowed", [
+    ("optim.lr=0.001", []), ("optim.lr=0.001", ["optim.lr"]), ("model.activation=\"tanh\"", []),
+    ("data.shuffle=false", ["data.*"])])
+def test_resume_names_every_change_and_accepts_only_allowed_ones(tmp_path, change, allowed):
+    """Everything that changes the mathematics is compared; a deliberate change needs
+    --allow-change and is recorded in events.jsonl."""
+    out = tmp_path / "run"
+    base = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2", "--set", f'run.out="{out}"']
+    assert mpitrain(2, base, timeout=60).returncode == 0
+    flags = [f for key in allowed for f in ("--allow-change", key)]
+    res = mpitrain(2, [*base, "--set", "run.steps=6", "--set", change, "--resume", *flags],
+                   timeout=60)
+    key, value = change.split("=")
+    if not allowed:
+        assert res.returncode == 2 and res.stderr.count("mpitrain: error:") == 1, res.output
+        assert f"belongs to a different training ({key} " in res.stderr
+        assert "run.steps" not in res.stderr  # extending a run is not a different training
+        return
+    assert res.returncode == 0, res.output
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resume"]
+    assert list(resumed[0]["changed"]) == [key], resumed
+
+
+def test_resume_refuses_other_data_content(tmp_path):
+    x = np.random.default_rng(0).normal(size=(64, 3))
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(64) % 2)
+    base = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2", "--set", 'data.source="file"',
+            "--set", f'data.path="{tmp_path / "d.npz"}"', "--set", "model.layers=[4, 2]",
+            "--set", "data.batch_size=8", "--set", f'run.out="{tmp_path / "o"}"']
+    assert mpitrain(2, base, timeout=60).returncode == 0
+    x[3, 1] += 1.0
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(64) % 2)
+    res = mpitrain(2, [*base, "--resume"], timeout=60)
+    assert res.returncode == 2 and "data.content 'npz:x.npy=" in res.stderr, res.output
+
+
+def test_a_fresh_start_never_destroys_an_earlier_run(tmp_path):
     out = tmp_path / "reused"
     first = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2", "--set", f'run.out="{out}"']
     assert mpitrain(4, first, timeout=60).returncode == 0
-    res = mpitrain(2, ["run", "--set", "run.steps=2", "--set", f'run.out="{out}"'], timeout=60)
-    assert res.returncode == 0 and "removed 2 checkpoint(s) of an earlier run" in res.stderr
+    kept = {p.name: p.read_bytes() for p in out.rglob("*.npz")}
+    refused = mpitrain(2, ["run", "--set", "run.steps=2", "--set", f'run.out="{out}"'], timeout=60)
+    assert refused.returncode == 2 and "holds an earlier run" in refused.stderr, refused.output
+    assert "--overwrite" in refused.stderr
+    # --overwrite, and the new run fails before its first checkpoint: the old run is put back
+    failing = mpitrain(2, ["run", "--set", "run.steps=2", "--set", f'run.out="{out}"', "--overwrite",
+                           "--set", "optim.lr=1e30", "--set", 'optim.name="sgd"'], timeout=60)
+    assert failing.returncode == 3, failing.output
+    assert {p.name: p.read_bytes() for p in out.rglob("*.npz")} == kept
+    assert not (out / ".replaced").exists()
+    res = mpitrain(2, ["run", "--set", "run.steps=2", "--set", f'run.out="{out}"', "--overwrite"],
+                   timeout=60)
+    assert res.returncode == 0 and "--overwrite: the earlier run" in res.stderr, res.output
+    assert not (out / ".replaced").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002.npz"]
     assert sorted(p.name for p in out.glob("ledger-rank*")) == ["ledger-rank0.jsonl", "ledger-rank1.jsonl"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2

@@ -202,6 +202,27 @@ def earlier_run(out: Path) -> list[Path]:
     return found if results else []
 
 
+def check_writable(out: Path) -> None:
+    """The output folder must exist or be creatable, and take a file: say so now, naming the
+    path, rather than fail at the first checkpoint (a file in the way, a read-only or full
+    file system, /proc)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"[run] out = {str(out)!r} is a file, not a folder",
+                          hint="set [run] out to a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+        raise ConfigError(f"[run] out = {str(out)!r}: cannot write there: "
+                          f"{exc.strerror or exc}{where}",
+                          hint="set [run] out to a folder on a writable file system with "
+                               "free space") from None
+
+
 def check_fresh_start(out: Path, overwrite: bool) -> None:
     """A fresh start must not destroy an earlier run: refuse unless ``overwrite``.
 

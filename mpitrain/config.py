@@ -12,6 +12,7 @@ itself: the caller (the context) hands it the variables.
 from __future__ import annotations
 
 import dataclasses
+import string
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,8 +273,28 @@ def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> Non
         raise ConfigError(f"{src}: [faults] delivery = \"reliable\" needs checksum = "
                           f"\"crc32c\": it detects corrupted messages by their checksum to "
                           f"resend them")
+    _check_out(cfg.run.out, where("run", "out"))
+
+
+OUT_PLACEHOLDERS = ("job", "slurm_job_id")
+
+
+def _check_out(out: str, where: str) -> None:
+    """``[run] out`` names a folder, with at most the documented placeholders -- no
+    attributes, indexes, conversions or format specs, which would expand to garbage."""
+    label = f"{where}: [run] out = {out!r}"
+    if not out.strip():
+        raise ConfigError(f"{label}: must name a folder (e.g. \"runs/{{job}}\")")
+    allowed = ", ".join(f"{{{p}}}" for p in OUT_PLACEHOLDERS)
     try:
-        cfg.out_dir()
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"{where('run', 'out')}: [run] out = {cfg.run.out!r}: unknown "
-                          f"placeholder {exc}; allowed: {{job}}, {{slurm_job_id}}") from None
+        fields = [f for f in string.Formatter().parse(out) if f[1] is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{label}: {exc}", hint=f"placeholders: {allowed}; write a brace "
+                                                  f"itself as {{{{ or }}}}") from None
+    for _, name, spec, conversion in fields:
+        if name not in OUT_PLACEHOLDERS or spec or conversion:
+            text = "{" + name + (f"!{conversion}" if conversion else "") + \
+                (f":{spec}" if spec else "") + "}"
+            close = "" if name in OUT_PLACEHOLDERS else suggest(name, OUT_PLACEHOLDERS)
+            raise ConfigError(f"{label}: unknown placeholder {text}{close}",
+                              hint=f"allowed: {allowed}")

@@ -128,8 +128,10 @@ def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Se
     folder may be started in.  Local: no communication, so a failure on one rank can be
     agreed on by all (``World.collective_errors``)."""
     out = cfg.out_dir(ctx.slurm.job_id)
-    if ctx.is_root and not mode.resume:
-        checkpoint.check_fresh_start(out, mode.overwrite)
+    if ctx.is_root:
+        checkpoint.check_writable(out)
+        if not mode.resume:
+            checkpoint.check_fresh_start(out, mode.overwrite)
     try:
         dataset = data.load(cfg.data, cfg.run.seed, ctx.rank, ctx.size)
         train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)

@@ -149,3 +149,18 @@ def test_a_nan_loss_is_one_message_naming_its_rank(tmp_path):
     check_one_message(res, ["ranks 0, 1: the loss is", "lower [optim] lr"], None)
     assert res.returncode == 3
     assert "RuntimeWarning" not in res.output and "Abort" not in res.output
+
+
+@pytest.mark.parametrize("out,parts", [
+    ("{tmp}/afile", ["is a file, not a folder"]),
+    ("{tmp}/afile/sub", ["cannot write there: Not a directory"]),
+    ("/proc/mpitrain-out", ["[run] out = '/proc/mpitrain-out': cannot write there"]),
+    ("{{job.upper}}", ["unknown placeholder {job.upper}", "allowed: {job}, {slurm_job_id}"]),
+    ("", ["[run] out = '': must name a folder"]),
+])
+def test_an_output_folder_that_cannot_be_written_is_one_message(tmp_path, out, parts):
+    (tmp_path / "afile").write_text("not a folder")
+    res = mpitrain(2, ["run", "--set", "run.steps=2", "--set",
+                       f'run.out="{out.format(tmp=tmp_path)}"'], timeout=60)
+    check_one_message(res, parts, None)
+    assert res.returncode == 2

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpitrain.bench import _size, sweep_sizes  # noqa: E402
+from mpitrain.tools.bench import _size, sweep_sizes  # noqa: E402
 from mpitrain.comm import allreduce as new_ar  # noqa: E402
 from mpitrain.comm import transport as new_tr  # noqa: E402
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpitrain.bench import _size  # noqa: E402
+from mpitrain.tools.bench import _size  # noqa: E402
 
 
 def main() -> int:

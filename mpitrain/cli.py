@@ -225,22 +225,22 @@ def exec_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool
 
 # --------------------------------------------------------------------------- other commands
 def cmd_explain(args) -> int:
-    from .explain import main as explain_main
+    from .tools.explain import main as explain_main
     return explain_main(json_output=args.json, scenario=args.scenario)
 
 
 def cmd_diagnose(args) -> int:
-    from .diagnose import diagnose
+    from .tools.diagnose import diagnose
     report, code = diagnose(Path(args.run_dir))
     print(report)
     return code
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .tools import bench
     return bench.main(args.bench_args)
 
 
 def cmd_simulate(args) -> int:
-    from .simulate import main as simulate_main
+    from .tools.simulate import main as simulate_main
     return simulate_main(args.simulate_args)

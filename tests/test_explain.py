@@ -14,7 +14,7 @@ import pytest
 
 from mpirun import REPO, mpitrain, run
 
-from mpitrain import explain
+from mpitrain.tools import explain
 from mpitrain.cli import build_parser
 
 JOB = "jobs/chapter/two_gpus.toml"

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
-from .errors import ConfigError, MpitrainError
-from .model import plan_buckets
+from .. import checkpoint
+from ..errors import ConfigError, MpitrainError
+from ..model import plan_buckets
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 NATIVE_SHORT_BYTES = 2048  # MPICH MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
@@ -284,8 +284,8 @@ def model_shape(args) -> tuple[list[int], int, str, int]:
     if args.layers and args.batch and args.dtype and not args.job:
         cfg = None  # everything on the command line: no job, no environment read
     else:
-        from . import config
-        from .context import environment
+        from .. import config
+        from ..context import environment
         cfg = config.load(args.job, args.overrides, environment())
     if args.layers:
         try:
@@ -300,7 +300,7 @@ def model_shape(args) -> tuple[list[int], int, str, int]:
         elif cfg.data.source == "synthetic":
             features = cfg.data.features
         else:
-            from . import data
+            from .. import data
             features = data.load(cfg.data, cfg.run.seed).features
         widths = [features, *cfg.model.layers]
     batch = args.batch or cfg.data.batch_size

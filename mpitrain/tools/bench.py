@@ -36,8 +36,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import checkpoint
-from .errors import ConfigError, MpitrainError
+from .. import checkpoint
+from ..errors import ConfigError, MpitrainError
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
@@ -53,8 +53,8 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- launching
 def relaunch(nprocs: int, sub: str, argv: list[str]) -> int:
     """Re-run ``mpitrain bench SUB ARGV`` under ``mpiexec -n NPROCS`` (mpi4py's own launcher)."""
-    from .cli import exec_under_mpiexec
-    exec_under_mpiexec(nprocs, ["-m", "mpitrain.bench", sub, *argv])
+    from ..cli import exec_under_mpiexec
+    exec_under_mpiexec(nprocs, ["-m", "mpitrain.tools.bench", sub, *argv])
     return 0  # not reached
 
 
@@ -79,7 +79,7 @@ def _strip_np(argv: list[str]) -> tuple[int | None, list[str]]:
 
 
 def _world():
-    from . import context
+    from .. import context
     env = context.environment()
     world = context.World(env)
     return world, env
@@ -87,7 +87,7 @@ def _world():
 
 def _connect(world, env, blas_threads: int = 1):
     """A RankContext with the harness's own (duplicated) communicator."""
-    from . import context
+    from .. import context
     cfg = SimpleNamespace(run=SimpleNamespace(blas_threads=blas_threads, device="cpu", seed=0))
     ctx = context.RankContext.create(world, cfg, env)
     ctx.connect(world)
@@ -232,8 +232,8 @@ def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60
     algorithm twice; rows carry ``checksum``).  ``oversubscribed``: more ranks than cores
     on the node (shorter spins while waiting, see ``transport.spin_budget``)."""
     from mpi4py import MPI
-    from .comm.allreduce import make_allreducer
-    from .comm.transport import Transport
+    from ..comm.allreduce import make_allreducer
+    from ..comm.transport import Transport
     rank, size = comm.Get_rank(), comm.Get_size()
     rows = []
     if header:
@@ -349,8 +349,8 @@ def summarize_steps(records: list[dict], warmup: int) -> dict:
 
 class _TrainBench:
     def prepare(self, argv):
-        from . import config
-        from .context import environment
+        from .. import config
+        from ..context import environment
         args = train_parser().parse_args(argv)
         if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
             raise ConfigError("--steps and --repeat must be >= 1, --warmup >= 0")
@@ -361,8 +361,8 @@ class _TrainBench:
         return args, user_out, variants
 
     def run(self, world, env, prepared):
-        from . import config, train
-        from .metrics import read_jsonl
+        from .. import config, train
+        from ..metrics import read_jsonl
         args, user_out, variants = prepared
         tmp = world.comm.bcast(tempfile.mkdtemp(prefix="mpitrain-bench-") if world.rank == 0
                                else None, root=0)
@@ -382,7 +382,7 @@ class _TrainBench:
                             cfg = config.load(args.job, sets + [
                                 f"run.out={json.dumps(str(cfg.out_dir()) + f'/{name}-{rep}')}"],
                                 env)
-                        from . import context
+                        from .. import context
                         ctx = context.RankContext.create(world, cfg, env)
                         prepared_run = train.setup(ctx, cfg)
                     ctx.connect(world)

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config, data
-from .errors import ConfigError, DataError
-from .model import MLP, activation_backward
-from .model import build as build_model
-from .optim import Optimizer, learning_rate
+from .. import config, data
+from ..errors import ConfigError, DataError
+from ..model import MLP, activation_backward
+from ..model import build as build_model
+from ..optim import Optimizer, learning_rate
 
 # --------------------------------------------------------------------------- the chapter's data
 INPUTS = {"x1": 0.2, "x2": 0.1, "x3": 0.4}
@@ -59,7 +59,7 @@ CHAPTER = {"za": "0.76", "ya": "0.76", "zb": "0.804", "yb": "0.804", "E": "0.019
            "f_prime_b": "1", "delta_b": "-0.196", "f_prime_a": "1", "delta_a": "-0.0784",
            "yb_2": "0.9982", "E_2": "0.0017"}
 
-DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "chapter" / "two_gpus.toml"
+DEFAULT_JOB = Path(__file__).resolve().parents[2] / "jobs" / "chapter" / "two_gpus.toml"
 RANK_NAMES = ("GPU-A", "GPU-B")
 
 

@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .comm.checks import ranks_text
+from ..comm.checks import ranks_text
 
 
 def _load(path: Path) -> tuple[dict, list[dict], list[dict]]:

@@ -216,7 +216,7 @@ def load(path: str | Path | None = None, overrides: list[str] = (),
     for var, text in sorted((environ or {}).items()):
         if var.startswith(ENV_PREFIX):
             sec, k = _split_env(var)
-            _merge(raw, origin, {sec: {k: _parse_value(text)}}, f"environment {var}")
+            _merge(raw, origin, {sec: {k: parse_value(text)}}, f"environment {var}")
     for item in overrides:
         sec, k, value = _split_override(item)
         _merge(raw, origin, {sec: {k: value}}, f"--set {item}")
@@ -268,15 +268,31 @@ def _split_override(item: str) -> tuple[str, str, Any]:
     sec, dot, k = lhs.strip().partition(".")
     if not eq or not dot or not k:
         raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set optim.lr=0.01")
-    return sec, k, _parse_value(text)
+    return sec, k, parse_value(text)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A TOML value (number, bool, quoted string, array, inline table); else the bare text."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text.strip()
+
+
+def parse_fault(text: str) -> dict:
+    """A fault rule from the command line: 'kind=drop,step=3' or TOML 'kind="drop", step=3'."""
+    try:
+        return tomllib.loads(f"r = {{{text}}}")["r"]
+    except tomllib.TOMLDecodeError:
+        pass
+    rule = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--fault {text}: expected key=value pairs separated by commas, "
+                              f"e.g. --fault 'kind=drop,step=3,layer=1'")
+        rule[k.strip()] = parse_value(v)
+    return rule
 
 
 def _suggest(word: str, options) -> str:

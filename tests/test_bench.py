@@ -15,7 +15,7 @@ from mpitrain.tools.bench import expected_sum, fill_pattern, summarize_steps, sw
 
 def test_allreduce_sweep_is_exact_for_every_algorithm(tmp_path):
     out = tmp_path / "ar.json"
-    res = mpiexec(2, ["-m", "mpitrain.tools.bench", "allreduce", "-b", "4", "-e", "256K", "-f", "16",
+    res = mpiexec(2, ["-m", "mpitrain", "bench", "allreduce", "-b", "4", "-e", "256K", "-f", "16",
                       "--iters", "3", "--warmup", "1", "--json", str(out)], timeout=60)
     assert res.returncode == 0, res.output
     assert "#wrong" in res.stdout and "Out of bounds values : 0 OK" in res.stdout
@@ -35,7 +35,7 @@ def test_allreduce_sweep_is_exact_for_every_algorithm(tmp_path):
 
 
 def test_launch_with_n_and_float64(tmp_path):
-    res = run([sys.executable, "-m", "mpitrain.tools.bench", "allreduce", "-n", "2", "-b", "8",
+    res = run([sys.executable, "-m", "mpitrain", "bench", "allreduce", "-n", "2", "-b", "8",
                "-e", "8K", "-f", "32", "--iters", "2", "--warmup", "0", "--dtype", "float64",
                "--algorithms", "ring,tree"], timeout=60)
     assert res.returncode == 0, res.output
@@ -43,7 +43,7 @@ def test_launch_with_n_and_float64(tmp_path):
 
 
 def test_bad_algorithm_is_one_clear_error():
-    res = mpiexec(2, ["-m", "mpitrain.tools.bench", "allreduce", "--algorithms", "ring,carrier-pigeon"],
+    res = mpiexec(2, ["-m", "mpitrain", "bench", "allreduce", "--algorithms", "ring,carrier-pigeon"],
                   timeout=60)
     assert res.returncode == 2
     assert res.stderr.count("mpitrain: error:") == 1 and "unknown carrier-pigeon" in res.stderr
@@ -61,7 +61,7 @@ def test_fill_pattern_sums_are_exact():
 
 def test_bench_train_runs_and_compares_overlap(tmp_path):
     out = tmp_path / "train.json"
-    res = mpiexec(2, ["-m", "mpitrain.tools.bench", "train", "--steps", "6", "--warmup", "2",
+    res = mpiexec(2, ["-m", "mpitrain", "bench", "train", "--steps", "6", "--warmup", "2",
                       "--compare-overlap", "--json", str(out)], timeout=90)
     assert res.returncode == 0, res.output
     rep = json.loads(out.read_text())

@@ -38,6 +38,8 @@ import numpy as np
 
 from .. import checkpoint
 from ..errors import ConfigError, MpitrainError
+from ..launch import exec_under_mpiexec
+from ..session import session
 
 ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
@@ -51,13 +53,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- launching
-def relaunch(nprocs: int, sub: str, argv: list[str]) -> int:
-    """Re-run ``mpitrain bench SUB ARGV`` under ``mpiexec -n NPROCS`` (mpi4py's own launcher)."""
-    from ..cli import exec_under_mpiexec
-    exec_under_mpiexec(nprocs, ["-m", "mpitrain.tools.bench", sub, *argv])
-    return 0  # not reached
-
-
 def _strip_np(argv: list[str]) -> tuple[int | None, list[str]]:
     """Take ``-n P`` / ``--np P`` / ``-nP`` out of ``argv``."""
     out, nprocs, i = [], None, 0
@@ -78,13 +73,6 @@ def _strip_np(argv: list[str]) -> tuple[int | None, list[str]]:
     return (int(nprocs) if nprocs is not None else None), out
 
 
-def _world():
-    from .. import context
-    env = context.environment()
-    world = context.World(env)
-    return world, env
-
-
 def _connect(world, env, blas_threads: int = 1):
     """A RankContext with the harness's own (duplicated) communicator."""
     from .. import context
@@ -95,26 +83,14 @@ def _connect(world, env, blas_threads: int = 1):
 
 
 def _entry(sub: str, argv: list[str], body) -> int:
-    """Common entry: ``-n P`` relaunch, MPI start, errors printed once, exit codes."""
-    try:
-        nprocs, argv = _strip_np(list(argv))
-        if nprocs is not None:
-            return relaunch(nprocs, sub, argv)
-    except MpitrainError as err:
-        print(f"mpitrain: error: {err}", file=sys.stderr)
-        return err.exit_code
-    world, env = _world()
-    try:
+    """Common entry: ``-n P`` relaunch, else the session (MPI start, errors, exit codes)."""
+    nprocs, argv = _strip_np(list(argv))
+    if nprocs is not None:
+        exec_under_mpiexec(nprocs, ["-m", "mpitrain", "bench", sub, *argv])
+    with session() as world:
         with world.collective_errors():
-            world.check_launcher()
             prepared = body.prepare(argv)
-        return body.run(world, env, prepared)
-    except MpitrainError as err:
-        if err.reporter is None or err.reporter == world.rank:
-            print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
-        if world.size > 1 and err.reporter is None:
-            world.comm.Abort(err.exit_code)
-        return err.exit_code
+        return body.run(world, world.env, prepared)
 
 
 # --------------------------------------------------------------------------- allreduce
@@ -453,9 +429,8 @@ def main_train(argv: list[str]) -> int:
     return _entry("train", argv, _TrainBench())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mpitrain.bench {allreduce,train} ARGS`` (until cli.py forwards ``bench``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
+    """``mpitrain bench {allreduce,train} ARGS``."""
     if not argv or argv[0] not in ("allreduce", "train"):
         usage = ("usage: mpitrain bench {allreduce,train} [-n P] [ARGS]\n"
                  "  allreduce  nccl-tests style sweep: time, algbw, busbw, #wrong per size and "
@@ -466,7 +441,3 @@ def main(argv: list[str] | None = None) -> int:
         print(usage, file=sys.stdout if helped else sys.stderr)
         return 0 if helped else 2
     return (main_allreduce if argv[0] == "allreduce" else main_train)(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec, run
-from mpitrain.tools import simulate as sim
-from mpitrain.tools.bench import expected_sum, fill_pattern, summarize_steps, sweep_sizes
+from mpitrain.cli import main as mpitrain_main
+from mpitrain.tools import simulate_calibration as cal
+from mpitrain.tools import simulate_model as sim
+from mpitrain.tools.bench_allreduce import expected_sum, fill_pattern, sweep_sizes
+from mpitrain.tools.bench_train import summarize_steps
 
 
 def test_allreduce_sweep_is_exact_for_every_algorithm(tmp_path):
@@ -152,12 +155,12 @@ def test_calibration_recovers_known_alpha_beta():
                 t = sim.allreduce_time(algo, p, n, P) * (1 + 0.01 * rng.standard_normal())
                 rows.append({"algorithm": algo, "ranks": p, "bytes": n, "time_s": t,
                              "reduce_s": P.gamma * n})
-    assert sim.gamma_from_rows(rows) == pytest.approx(P.gamma)
-    fitted = sim.calibrate(rows)
+    assert cal.gamma_from_rows(rows) == pytest.approx(P.gamma)
+    fitted = cal.calibrate(rows)
     for algo, prm in fitted.items():
         assert prm.alpha == pytest.approx(P.alpha, rel=0.05), algo
         assert prm.beta == pytest.approx(P.beta, rel=0.05), algo
-    errs = sim.check(rows, fitted)
+    errs = cal.check(rows, fitted)
     assert max(e["median_rel_error"] for e in errs) < 0.03
 
 
@@ -167,12 +170,12 @@ def test_simulate_command(tmp_path, capsys):
              "reduce_s": P.gamma * n} for a in sim.ALGORITHMS for n in (4, 4096, 1 << 20)]
     sweep.write_text(json.dumps({"ranks": 2, "results": rows}))
     out = tmp_path / "pred.json"
-    code = sim.main(["--layers", "784,1024,1024,10", "--batch", "64", "--dtype", "float32",
-                     "--calibrate", str(sweep), "--check", str(sweep), "--ranks", "2,4096",
-                     "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    code = mpitrain_main(["simulate", "--layers", "784,1024,1024,10", "--batch", "64",
+                          "--dtype", "float32", "--calibrate", str(sweep), "--check", str(sweep),
+                          "--ranks", "2,4096", "--json", str(out), "--plot", str(tmp_path / "p.png")])
     assert code == 0
     rep = json.loads(out.read_text())
     assert len(rep["predictions"]) == 8 and rep["layer_bytes"][0] == (784 * 1024 + 1024) * 4
     assert max(c["median_rel_error"] for c in rep["check"]) < 1e-6
     assert "prediction error" in capsys.readouterr().out
-    assert sim.main(["--layers", "10,x"]) == 2
+    assert mpitrain_main(["simulate", "--layers", "10,x"]) == 2

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train JOB (a TOML job file; default: the built-in digits "
                                      "job). Launch with `mpiexec -n P mpitrain run JOB`, under "
                                      "srun, or with `mpitrain run -n P JOB`.")
-    run.add_argument("job", nargs="?", help="job file (TOML); omit for the built-in digits job")
+    run.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job "
+                     "(e.g. faults/crash); omit for the built-in digits job")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a job key (TOML value syntax; "
                      "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
@@ -81,12 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nprocs is not None:
         from .launch import launch_run
         launch_run(args.nprocs, args.job, args.overrides, args.faults, args.resume)
-    from . import config, context, train
+    from . import config, context, jobs, train
     from .session import session
     with session() as world:
         with world.collective_errors():
             rules = [config.parse_fault(text) for text in args.faults]
-            cfg = config.load(args.job, args.overrides, world.env, extra_rules=rules)
+            cfg = config.load(jobs.resolve(args.job), args.overrides, world.env,
+                              extra_rules=rules)
             ctx = context.RankContext.create(world, cfg, world.env)
             prepared = train.setup(ctx, cfg)
         # From here on, every collective is matched on all ranks: a rank that fails alone

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import config
+from . import config, jobs
 from .context import environment
 from .errors import ConfigError, LaunchError
 
@@ -28,7 +28,7 @@ def launch_run(nprocs: int, job: str | None, overrides: list[str], faults: list[
     overrides = list(overrides)
     # Check the job before starting any rank, and keep the progress bar: under mpiexec the
     # ranks write into pipes, so they cannot see that the user is at a terminal.
-    cfg = config.load(job, overrides, environment(),
+    cfg = config.load(jobs.resolve(job), overrides, environment(),
                       extra_rules=[config.parse_fault(f) for f in faults])
     if cfg.run.progress == "auto" and sys.stderr.isatty():
         overrides.append('run.progress="bar"')

@@ -16,7 +16,6 @@ from mpirun import REPO, mpitrain, run
 
 from mpitrain.tools import explain
 from mpitrain.tools.explain_scenario import two_gpu_step
-from mpitrain.cli import build_parser
 
 JOB = "jobs/chapter/two_gpus.toml"
 
@@ -220,15 +219,6 @@ def test_scenario_text(capsys):
     assert "gives the same gradients for every earlier layer: True" in text
 
 
-def _cli_has_scenario() -> bool:
-    try:
-        build_parser().parse_args(["explain", "--scenario"])
-        return True
-    except SystemExit:
-        return False
-
-
-@pytest.mark.skipif(not _cli_has_scenario(), reason="cli.py has no `explain --scenario` yet")
 def test_scenario_command_line():
     res = run([sys.executable, "-m", "mpitrain", "explain", "--scenario", "--json"], timeout=60)
     assert res.returncode == 0, res.output

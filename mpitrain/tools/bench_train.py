@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import checkpoint, config, context
+from .. import checkpoint, config, context, jobs
 from ..context import World
 from ..errors import ConfigError, MpitrainError
 from ..metrics import read_jsonl
@@ -66,15 +66,16 @@ def prepare(argv: list[str], env: dict[str, str]) -> tuple:
     if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
         raise ConfigError("--steps and --repeat must be >= 1, --warmup >= 0")
     user_out = any(o.strip().startswith("run.out") for o in args.overrides)
-    base = config.load(args.job, args.overrides, env)  # validate early
+    job_file = jobs.resolve(args.job)
+    base = config.load(job_file, args.overrides, env)  # validate early
     variants = [("overlap_on", True), ("overlap_off", False)] if args.compare_overlap \
         else [("run", base.sync.overlap)]
-    return args, user_out, variants
+    return args, job_file, user_out, variants
 
 
 def run(world: World, prepared: tuple) -> int:
     """Collective: run the variants, interleaved; rank 0 prints the table (and --json)."""
-    args, user_out, variants = prepared
+    args, job_file, user_out, variants = prepared
     tmp = world.comm.bcast(tempfile.mkdtemp(prefix="mpitrain-bench-") if world.rank == 0
                            else None, root=0)
     results: dict[str, list[dict]] = {name: [] for name, _ in variants}
@@ -82,7 +83,8 @@ def run(world: World, prepared: tuple) -> int:
     try:
         for rep in range(args.repeat):
             for name, overlap in variants:
-                out = _run_once(world, args, user_out, len(variants), tmp, name, overlap, rep)
+                out = _run_once(world, args, job_file, user_out, len(variants), tmp, name,
+                                overlap, rep)
                 if world.rank == 0:
                     recs = read_jsonl(Path(out) / "metrics.jsonl")
                     recs = [r for r in recs if r.get("kind") == "step"]
@@ -101,8 +103,8 @@ def run(world: World, prepared: tuple) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_once(world: World, args, user_out: bool, n_variants: int, tmp: str, name: str,
-              overlap: bool, rep: int) -> str:
+def _run_once(world: World, args, job_file, user_out: bool, n_variants: int, tmp: str,
+              name: str, overlap: bool, rep: int) -> str:
     """Collective: one training run of the job (a variant's ``rep``-th); its output folder."""
     from .. import train  # starts MPI: not at import, `bench -n P` must not in the launcher
     sets = list(args.overrides)
@@ -112,9 +114,9 @@ def _run_once(world: World, args, user_out: bool, n_variants: int, tmp: str, nam
              f"sync.overlap={'true' if overlap else 'false'}"]
     env = world.env
     with world.collective_errors():
-        cfg = config.load(args.job, sets, env)
+        cfg = config.load(job_file, sets, env)
         if user_out and (n_variants > 1 or args.repeat > 1):
-            cfg = config.load(args.job, sets + [
+            cfg = config.load(job_file, sets + [
                 f"run.out={json.dumps(str(cfg.out_dir()) + f'/{name}-{rep}')}"], env)
         ctx = context.RankContext.create(world, cfg, env)
         prepared_run = train.setup(ctx, cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from .. import jobs
 from .explain_chapter import (BIAS_INPUT, CHAPTER, ETA, INITIAL, INPUTS, TARGET, first_iteration,
                               second_iteration)
 from .explain_figures import agrees, second_iteration_check
@@ -48,14 +48,10 @@ def main(json_output: bool = False, scenario: bool | str = False) -> int:
     """Print the worked example (or, with ``scenario``, the two-GPU step) as text or JSON.
 
     ``scenario`` is False (the worked example), True (the chapter's job file,
-    jobs/chapter/two_gpus.toml) or the path of another job file.
+    jobs/chapter/two_gpus.toml) or another job: a file or a built-in job's name.
     """
     if scenario:
-        job = DEFAULT_JOB if scenario is True else Path(scenario)
-        if not job.exists():
-            raise ConfigError(f"job file {job} does not exist",
-                              hint="pass a job file: mpitrain explain --scenario JOB.toml")
-        result = two_gpu_step(job)
+        result = two_gpu_step(DEFAULT_JOB if scenario is True else Path(jobs.resolve(scenario)))
         print(json.dumps(result, indent=1) if json_output else format_scenario(result))
         return 0
     result = worked_example()

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config, data
+from .. import config, data, jobs
 from ..errors import DataError
 from ..model import MLP
 from ..model import build as build_model
 from ..optim import Optimizer, learning_rate
 
-DEFAULT_JOB = Path(__file__).resolve().parents[2] / "jobs" / "chapter" / "two_gpus.toml"
+DEFAULT_JOB = jobs.folder() / "chapter" / "two_gpus.toml"
 RANK_NAMES = ("GPU-A", "GPU-B")
 
 
@@ -203,8 +203,12 @@ def format_scenario(s: dict) -> str:
 
 
 def _shown(path: str) -> str:
-    """``path`` relative to the working directory when it lies below it."""
+    """``path`` as the user knows it: a built-in job as ``jobs/NAME.toml`` (the repository's
+    folder, and a name every command accepts), else relative to the working directory when
+    it lies below it."""
     p = Path(path).resolve()
+    if p.is_relative_to(jobs.folder()):
+        return f"jobs/{p.relative_to(jobs.folder()).as_posix()}"
     return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
 
 

@@ -66,9 +66,9 @@ def model_shape(args) -> tuple[list[int], int, str, int]:
     if args.layers and args.batch and args.dtype and not args.job:
         cfg = None  # everything on the command line: no job, no environment read
     else:
-        from .. import config
+        from .. import config, jobs
         from ..context import environment
-        cfg = config.load(args.job, args.overrides, environment())
+        cfg = config.load(jobs.resolve(args.job), args.overrides, environment())
     if args.layers:
         try:
             widths = [int(w) for w in args.layers.split(",") if w.strip()]

@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
+    """``mpitrain run``: on every rank, set up and train the job; 0 after a normal end (the
+    error exits are the session's).  With ``-n P``: become ``mpiexec -n P mpitrain run``."""
     if args.nprocs is not None:
         from .launch import launch_run
-        launch_run(args.nprocs, args.job, args.overrides, args.faults, args.resume)
+        launch_run(args.nprocs, args.job, args.overrides, args.faults, args.resume)  # no return
     from . import config, context, jobs, train
     from .session import session
     with session() as world:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpitrain.bench import _size, sweep_sizes  # noqa: E402
+from mpitrain.tools.bench_allreduce import parse_size, sweep_sizes  # noqa: E402
 from mpitrain.comm import allreduce as new_ar  # noqa: E402
 from mpitrain.comm import transport as new_tr  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> int:
                     t = tr.Transport(comm, delivery=delivery, deadline_s=60.0, **extra)
                     name = f"{tag}{algo}/{delivery}" + ("/nosum" if csum == "none" else "")
                     variants[name] = ar.make_allreducer(algo, comm, t)
-    counts = sweep_sizes(_size(args.minbytes), _size(args.maxbytes), args.stepfactor, dtype.itemsize)
+    counts = sweep_sizes(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor, dtype.itemsize)
     rows = []
     if rank == 0:
         print(f"# {size} ranks, float32, {args.iters} interleaved iterations (+{args.warmup}); "

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -74,20 +75,24 @@ def args_from_argv():
     return p.parse_args(sys.argv[1:])
 
 
+@contextmanager
 def mlp_job(args, steps: int, prefix: str):
     """benchmarks/mlp.toml set up exactly as `mpitrain run` does it, in a temporary folder.
 
-    Returns (world, ctx, cfg, prepared, out); the caller runs ``train.run(ctx, cfg, prepared)``.
+    A context manager, entered on every rank: yields (world, ctx, cfg, prepared, out) inside
+    mpitrain's session (errors and exit as in `mpitrain run`); the caller runs
+    ``train.run(ctx, cfg, prepared)`` and closes ``ctx`` in the block.
     """
     import tempfile
     from mpitrain import config, context, train
-    env = context.environment()
-    world = context.World(env)
-    out = world.comm.bcast(tempfile.mkdtemp(prefix=prefix) if world.rank == 0 else None)
-    cfg = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlp.toml"),
-                      [f"data.batch_size={args.batch}", f"run.steps={steps}",
-                       f"run.out={json.dumps(out)}", *args.sets], env)
-    ctx = context.RankContext.create(world, cfg, env)
-    prepared = train.setup(ctx, cfg)
-    ctx.connect(world)
-    return world, ctx, cfg, prepared, out
+    from mpitrain.session import session
+    with session() as world:
+        out = world.comm.bcast(tempfile.mkdtemp(prefix=prefix) if world.rank == 0 else None)
+        with world.collective_errors():
+            cfg = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlp.toml"),
+                              [f"data.batch_size={args.batch}", f"run.steps={steps}",
+                               f"run.out={json.dumps(out)}", *args.sets], world.env)
+            ctx = context.RankContext.create(world, cfg, world.env)
+            prepared = train.setup(ctx, cfg)
+        ctx.connect(world)
+        yield world, ctx, cfg, prepared, out

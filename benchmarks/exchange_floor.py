@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpitrain.bench import _size  # noqa: E402
+from mpitrain.tools.bench_allreduce import parse_size  # noqa: E402
 
 
 def main() -> int:
@@ -29,7 +29,7 @@ def main() -> int:
     if comm.Get_size() != 2:
         sys.exit("run with exactly 2 ranks")
     r, o = comm.Get_rank(), 1 - comm.Get_rank()
-    for nbytes in (_size(s) for s in args.sizes.split(",")):
+    for nbytes in (parse_size(s) for s in args.sizes.split(",")):
         n = max(2, nbytes // 4)
         buf, tmp = np.ones(n, np.float32), np.empty(n, np.float32)
         h = n // 2

@@ -23,9 +23,7 @@ from mpitrain.metrics import Metrics  # noqa: E402
 
 def main() -> int:
     args = common.args_from_argv()
-    world, ctx, cfg, prepared, out = common.mlp_job(args, args.warmup + args.steps + 1,
-                                                    "mpitrain-cmp-")
-    stamps = [common.now()]
+    stamps = []
     original = Metrics.step
 
     def stamped(self, record):
@@ -33,8 +31,11 @@ def main() -> int:
         stamps.append(common.now())
 
     Metrics.step = stamped
-    train.run(ctx, cfg, prepared)
-    ctx.close()
+    with common.mlp_job(args, args.warmup + args.steps + 1, "mpitrain-cmp-") as (
+            world, ctx, cfg, prepared, out):
+        stamps.append(common.now())
+        train.run(ctx, cfg, prepared)
+        ctx.close()
     if world.rank == 0:
         from mpitrain.metrics import read_jsonl
         recs = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("kind") == "step"]

@@ -24,11 +24,12 @@ from mpitrain import train  # noqa: E402
 
 def main() -> int:
     args = common.args_from_argv()
-    world, ctx, cfg, prepared, out = common.mlp_job(args, args.steps, "mpitrain-prof-")
     prof = cProfile.Profile()
-    prof.enable()
-    train.run(ctx, cfg, prepared)
-    prof.disable()
+    with common.mlp_job(args, args.steps, "mpitrain-prof-") as (world, ctx, cfg, prepared, out):
+        prof.enable()
+        train.run(ctx, cfg, prepared)
+        prof.disable()
+        ctx.close()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -37,7 +38,6 @@ def main() -> int:
         fh.write(s.getvalue())
     if world.rank == 0:
         print(s.getvalue())
-    ctx.close()
     return 0
 
 

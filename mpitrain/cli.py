@@ -1,30 +1,18 @@
-"""Command line: ``mpitrain run | explain | diagnose | bench | simulate``; top-level errors.
+"""Command line: ``mpitrain run | explain | diagnose | bench | simulate``.
 
-A user error (:class:`MpitrainError`) becomes one message on stderr, printed by one rank,
-and a non-zero exit on every rank -- never a traceback per rank, never a hang:
-
-* errors every rank raised together (bad config, replica checks, preemption, a fault that
-  the transport reported to all ranks) exit each process with the error's code;
-* an error only one rank saw (a NaN loss on that rank's shard, say) aborts the whole job
-  with MPI_Abort, since the other ranks may already wait in a collective for it.
+This module only builds the parser and hands each command to its home: training to
+:mod:`mpitrain.train` inside :func:`mpitrain.session.session` (start-up, one message per
+error, exit codes), ``-n P`` to :mod:`mpitrain.launch`, the other commands to
+:mod:`mpitrain.tools`.  A user error raised before MPI starts, or by a command that runs in
+one process, is printed here and becomes the exit status.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import traceback
 from pathlib import Path
 
-from .errors import ConfigError, LaunchError, MpitrainError
-
-EXIT_WAIT_S = 3.0  # how long ranks that failed together wait for each other before exiting
-OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
-    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm",
-}
+from .errors import MpitrainError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train JOB (a TOML job file; default: the built-in digits "
                                      "job). Launch with `mpiexec -n P mpitrain run JOB`, under "
                                      "srun, or with `mpitrain run -n P JOB`.")
-    run.add_argument("job", nargs="?", help="job file (TOML); omit for the built-in digits job")
+    run.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job "
+                     "(e.g. faults/crash); omit for the built-in digits job")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a job key (TOML value syntax; "
                      "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
@@ -97,57 +86,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- run
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
+    """``mpitrain run``: on every rank, set up and train the job; 0 after a normal end (the
+    error exits are the session's).  With ``-n P``: become ``mpiexec -n P mpitrain run``."""
     if args.nprocs is not None:
-        return launch(args)
-    from . import config, context
-    # Launched with -disable-auto-cleanup, hydra sends SIGUSR1 to the other ranks whenever a
-    # rank exits, also at a normal end.  Training turns SIGUSR1 into "checkpoint and stop"
-    # (preemption); outside training it must not kill the process.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    env = context.environment()
-    world = context.World(env)
-    try:
+        from .launch import launch_run
+        flags = (["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+                 + [f for key in args.allow_changes for f in ("--allow-change", key)])
+        launch_run(args.nprocs, args.job, args.overrides, args.faults, flags)  # no return
+    from . import config, context, jobs, train
+    from .session import session
+    with session() as world:
         with world.collective_errors():
-            world.check_launcher()
-            rules = [parse_fault(text) for text in args.faults]
-            cfg = config.load(args.job, args.overrides, env, extra_rules=rules)
-            ctx = context.RankContext.create(world, cfg, env)
-            from . import train
+            rules = [config.parse_fault(text) for text in args.faults]
+            cfg = config.load(jobs.resolve(args.job), args.overrides, world.env,
+                              extra_rules=rules)
+            ctx = context.RankContext.create(world, cfg, world.env)
             mode = train.StartMode(args.resume, args.overwrite, tuple(args.allow_changes))
             prepared = train.setup(ctx, cfg, mode)
         # From here on, every collective is matched on all ranks: a rank that fails alone
-        # aborts the job (see _exit_on_error) instead of leaving the others waiting.
+        # aborts the job (see mpitrain.session) instead of leaving the others waiting.
         ctx.connect(world)
         summary = train.run(ctx, cfg, prepared, mode)
-    except MpitrainError as err:
-        _exit_on_error(err, world)
-    except Exception:  # a bug: show where, and take the job down rather than hang it
-        traceback.print_exc()
-        sys.stderr.flush()
-        world.release_shared_memory()
-        world.comm.Abort(1)
-    if world.rank == 0:
-        _print_summary(summary)
-    ctx.close()
+        if world.rank == 0:
+            _print_summary(summary)
+        ctx.close()
     return 0
-
-
-def _exit_on_error(err: MpitrainError, world) -> None:
-    """Print ``err`` once and end this rank -- and the job -- with its exit code."""
-    everywhere = err.reporter is not None
-    if not everywhere or err.reporter == world.rank:
-        print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    world.release_shared_memory()  # no MPI_Finalize on this path: it would not clean up
-    if world.size > 1 and not everywhere:
-        world.comm.Abort(err.exit_code)
-    if world.size > 1:
-        # Leave together: the launcher kills the remaining ranks as soon as one exits with
-        # an error ("BAD TERMINATION"), so the ranks meet first (boundedly: one may be
-        # dead) and then all exit at once.  No MPI_Finalize: it could wait for a dead rank.
-        world.all_present(timeout=EXIT_WAIT_S)
-    os._exit(err.exit_code)
 
 
 def _print_summary(summary: dict) -> None:
@@ -158,101 +122,24 @@ def _print_summary(summary: dict) -> None:
     print(f"mpitrain: done: {', '.join(parts)}; outputs in {summary['out']}", file=sys.stderr)
 
 
-def parse_fault(text: str) -> dict:
-    """A fault rule from the command line: 'kind=drop,step=3' or TOML 'kind="drop", step=3'."""
-    from .config import parse_value as _parse_value
-    import tomllib
-    try:
-        return tomllib.loads(f"r = {{{text}}}")["r"]
-    except tomllib.TOMLDecodeError:
-        pass
-    rule = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--fault {text}: expected key=value pairs separated by commas, "
-                              f"e.g. --fault 'kind=drop,step=3,layer=1'")
-        rule[k.strip()] = _parse_value(v)
-    return rule
-
-
-def launch(args) -> int:
-    """Re-run this command under ``mpiexec -n P`` from mpi4py's own MPI installation."""
-    from . import config, context
-    overrides = list(args.overrides)
-    # Check the job before starting any rank, and keep the progress bar: under mpiexec the
-    # ranks write into pipes, so they cannot see that the user is at a terminal.
-    cfg = config.load(args.job, overrides, context.environment(),
-                      extra_rules=[parse_fault(f) for f in args.faults])
-    if cfg.run.progress == "auto" and sys.stderr.isatty():
-        overrides.append('run.progress="bar"')
-    argv = ["-m", "mpitrain", "run", *([args.job] if args.job else [])]
-    for o in overrides:
-        argv += ["--set", o]
-    for f in args.faults:
-        argv += ["--fault", f]
-    argv += ["--resume"] if args.resume else []
-    argv += ["--overwrite"] if args.overwrite else []
-    for key in args.allow_changes:
-        argv += ["--allow-change", key]
-    # Keep the other ranks alive when one dies, so they can say which one did (hydra's
-    # default kills them all at once, silently).  A rank that fails alone still takes the
-    # job down with MPI_Abort.
-    exec_under_mpiexec(args.nprocs, argv, keep_survivors=True)
-    return 0  # not reached
-
-
-def exec_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool = False):
-    """Replace this process with ``mpiexec -n NPROCS python PYTHON_ARGS``.
-
-    Uses the mpiexec that belongs to mpi4py's MPI (another MPI's launcher silently starts
-    NPROCS separate rank-0 jobs), with what a local run needs: one BLAS thread per rank, and
-    for Open MPI the settings for root and oversubscription.  ``keep_survivors`` passes
-    MPICH's -disable-auto-cleanup (the ranks must then ignore SIGUSR1 outside training).
-    """
-    if nprocs < 1:
-        raise ConfigError(f"-n {nprocs}: the number of ranks must be >= 1")
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        raise LaunchError(f"no mpiexec next to {sys.executable}",
-                          hint="install MPI from PyPI into this environment (pip install mpich), "
-                               "or launch with your cluster's mpiexec/srun yourself")
-    import mpi4py
-    mpi4py.rc.initialize = False  # only ask which library; do not start MPI in the launcher
-    from mpi4py import MPI
-    library = MPI.Get_library_version()
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    if "Open MPI" in library:
-        for k, v in OPENMPI_LOCAL_ENV.items():
-            env.setdefault(k, v)
-    argv = [str(mpiexec), "-n", str(nprocs)]
-    if keep_survivors and "MPICH" in library:
-        argv.append("-disable-auto-cleanup")
-    argv += [sys.executable, *python_args]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)
-
-
 # --------------------------------------------------------------------------- other commands
-def cmd_explain(args) -> int:
-    from .explain import main as explain_main
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .tools.explain import main as explain_main
     return explain_main(json_output=args.json, scenario=args.scenario)
 
 
-def cmd_diagnose(args) -> int:
-    from .diagnose import diagnose
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .tools.diagnose import diagnose
     report, code = diagnose(Path(args.run_dir))
     print(report)
     return code
 
 
-def cmd_bench(args) -> int:
-    from . import bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .tools import bench
     return bench.main(args.bench_args)
 
 
-def cmd_simulate(args) -> int:
-    from .simulate import main as simulate_main
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .tools.simulate import main as simulate_main
     return simulate_main(args.simulate_args)

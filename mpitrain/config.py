@@ -250,6 +250,22 @@ def parse_value(text: str) -> Any:
         return text.strip()
 
 
+def parse_fault(text: str) -> dict:
+    """A fault rule from the command line: 'kind=drop,step=3' or TOML 'kind="drop", step=3'."""
+    try:
+        return tomllib.loads(f"r = {{{text}}}")["r"]
+    except tomllib.TOMLDecodeError:
+        pass
+    rule = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--fault {text}: expected key=value pairs separated by commas, "
+                              f"e.g. --fault 'kind=drop,step=3,layer=1'")
+        rule[k.strip()] = parse_value(v)
+    return rule
+
+
 def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> None:
     """Rules that involve more than one key."""
     def where(sec: str, k: str) -> str:

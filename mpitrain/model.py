@@ -201,6 +201,10 @@ class MLP:
             self._cache.append((z, a))
         return a
 
+    def layer_values(self, i: int) -> tuple:
+        """(z, a) of layer ``i`` in the last ``forward``: its weighted sums and activations."""
+        return self._cache[i + 1]
+
     def loss(self, out, target, weight: float) -> tuple[float, object]:
         """(sum over samples of weight * loss_i, dL/dz of the output layer).
 

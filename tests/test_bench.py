@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from mpirun import mpiexec, run
-from mpitrain import simulate as sim
-from mpitrain.bench import expected_sum, fill_pattern, summarize_steps, sweep_sizes
+from mpitrain.cli import main as mpitrain_main
+from mpitrain.tools import simulate_calibration as cal
+from mpitrain.tools import simulate_model as sim
+from mpitrain.tools.bench_allreduce import expected_sum, fill_pattern, sweep_sizes
+from mpitrain.tools.bench_train import summarize_steps
 
 
 def test_allreduce_sweep_is_exact_for_every_algorithm(tmp_path):
     out = tmp_path / "ar.json"
-    res = mpiexec(2, ["-m", "mpitrain.bench", "allreduce", "-b", "4", "-e", "256K", "-f", "16",
+    res = mpiexec(2, ["-m", "mpitrain", "bench", "allreduce", "-b", "4", "-e", "256K", "-f", "16",
                       "--iters", "3", "--warmup", "1", "--json", str(out)], timeout=60)
     assert res.returncode == 0, res.output
     assert "#wrong" in res.stdout and "Out of bounds values : 0 OK" in res.stdout
@@ -35,7 +38,7 @@ def test_allreduce_sweep_is_exact_for_every_algorithm(tmp_path):
 
 
 def test_launch_with_n_and_float64(tmp_path):
-    res = run([sys.executable, "-m", "mpitrain.bench", "allreduce", "-n", "2", "-b", "8",
+    res = run([sys.executable, "-m", "mpitrain", "bench", "allreduce", "-n", "2", "-b", "8",
                "-e", "8K", "-f", "32", "--iters", "2", "--warmup", "0", "--dtype", "float64",
                "--algorithms", "ring,tree"], timeout=60)
     assert res.returncode == 0, res.output
@@ -43,7 +46,7 @@ def test_launch_with_n_and_float64(tmp_path):
 
 
 def test_bad_algorithm_is_one_clear_error():
-    res = mpiexec(2, ["-m", "mpitrain.bench", "allreduce", "--algorithms", "ring,carrier-pigeon"],
+    res = mpiexec(2, ["-m", "mpitrain", "bench", "allreduce", "--algorithms", "ring,carrier-pigeon"],
                   timeout=60)
     assert res.returncode == 2
     assert res.stderr.count("mpitrain: error:") == 1 and "unknown carrier-pigeon" in res.stderr
@@ -61,7 +64,7 @@ def test_fill_pattern_sums_are_exact():
 
 def test_bench_train_runs_and_compares_overlap(tmp_path):
     out = tmp_path / "train.json"
-    res = mpiexec(2, ["-m", "mpitrain.bench", "train", "--steps", "6", "--warmup", "2",
+    res = mpiexec(2, ["-m", "mpitrain", "bench", "train", "--steps", "6", "--warmup", "2",
                       "--compare-overlap", "--json", str(out)], timeout=90)
     assert res.returncode == 0, res.output
     rep = json.loads(out.read_text())
@@ -152,12 +155,12 @@ def test_calibration_recovers_known_alpha_beta():
                 t = sim.allreduce_time(algo, p, n, P) * (1 + 0.01 * rng.standard_normal())
                 rows.append({"algorithm": algo, "ranks": p, "bytes": n, "time_s": t,
                              "reduce_s": P.gamma * n})
-    assert sim.gamma_from_rows(rows) == pytest.approx(P.gamma)
-    fitted = sim.calibrate(rows)
+    assert cal.gamma_from_rows(rows) == pytest.approx(P.gamma)
+    fitted = cal.calibrate(rows)
     for algo, prm in fitted.items():
         assert prm.alpha == pytest.approx(P.alpha, rel=0.05), algo
         assert prm.beta == pytest.approx(P.beta, rel=0.05), algo
-    errs = sim.check(rows, fitted)
+    errs = cal.check(rows, fitted)
     assert max(e["median_rel_error"] for e in errs) < 0.03
 
 
@@ -167,12 +170,12 @@ def test_simulate_command(tmp_path, capsys):
              "reduce_s": P.gamma * n} for a in sim.ALGORITHMS for n in (4, 4096, 1 << 20)]
     sweep.write_text(json.dumps({"ranks": 2, "results": rows}))
     out = tmp_path / "pred.json"
-    code = sim.main(["--layers", "784,1024,1024,10", "--batch", "64", "--dtype", "float32",
-                     "--calibrate", str(sweep), "--check", str(sweep), "--ranks", "2,4096",
-                     "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    code = mpitrain_main(["simulate", "--layers", "784,1024,1024,10", "--batch", "64",
+                          "--dtype", "float32", "--calibrate", str(sweep), "--check", str(sweep),
+                          "--ranks", "2,4096", "--json", str(out), "--plot", str(tmp_path / "p.png")])
     assert code == 0
     rep = json.loads(out.read_text())
     assert len(rep["predictions"]) == 8 and rep["layer_bytes"][0] == (784 * 1024 + 1024) * 4
     assert max(c["median_rel_error"] for c in rep["check"]) < 1e-6
     assert "prediction error" in capsys.readouterr().out
-    assert sim.main(["--layers", "10,x"]) == 2
+    assert mpitrain_main(["simulate", "--layers", "10,x"]) == 2

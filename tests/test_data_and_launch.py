@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpirun import mpitrain, run
+from mpirun import REPO, mpitrain, run
 from mpitrain import data
 
 
@@ -90,6 +90,34 @@ def test_run_n_starts_the_launcher_of_mpi4py(tmp_path):
     assert res.returncode == 0, res.output
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["samples"] == 64  # 2 ranks x batch 32: both ranks took part
+
+
+def test_the_repository_jobs_are_links_to_the_built_in_jobs():
+    """jobs/*.toml in a checkout are the package's job files (one copy, shipped in the wheel)."""
+    from mpitrain import jobs
+    links = sorted(p.relative_to(REPO / "jobs").with_suffix("").as_posix()
+                   for p in (REPO / "jobs").rglob("*.toml"))
+    assert links == jobs.names() and "faults/strict_drop" in links
+    for name in links:
+        link = REPO / "jobs" / f"{name}.toml"
+        assert link.is_symlink() and link.resolve() == jobs.folder() / f"{name}.toml", name
+
+
+def test_a_built_in_job_runs_by_name_from_any_folder(tmp_path, monkeypatch):
+    from mpitrain import jobs
+    from mpitrain.errors import ConfigError
+    assert jobs.resolve("jobs/digits.toml") == "jobs/digits.toml"  # an existing file stays
+    monkeypatch.chdir(tmp_path)
+    for given in ("faults/crash", "faults/crash.toml", "jobs/faults/crash.toml"):
+        assert jobs.resolve(given) == jobs.folder() / "faults" / "crash.toml"
+    assert jobs.resolve(None) is None
+    with pytest.raises(ConfigError, match="job file faults/crush does not exist") as err:
+        jobs.resolve("faults/crush")
+    assert "faults/crash" in str(err.value) and "chapter/two_gpus" in str(err.value)
+    res = run([sys.executable, "-m", "mpitrain", "run", "regression", "--set", "run.steps=2",
+               "--set", 'run.progress="off"'], timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.output
+    assert (tmp_path / "runs" / "regression" / "model.npz").exists()  # the name is the stem
 
 
 def test_a_foreign_launcher_is_detected(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 
 from mpirun import REPO, mpitrain, run
 
-from mpitrain import explain
-from mpitrain.cli import build_parser
+from mpitrain.tools import explain
+from mpitrain.tools.explain_scenario import two_gpu_step
 
 JOB = "jobs/chapter/two_gpus.toml"
 
@@ -183,7 +183,7 @@ def test_json_second_iteration_check(json_output):
 
 # --------------------------------------------------------------------------- the scenario
 def test_scenario_bytes_and_order_per_layer():
-    s = explain.two_gpu_step(REPO / JOB)
+    s = two_gpu_step(REPO / JOB)
     assert s["order"] == [2, 1, 0] and [l["layer"] for l in s["layers"]] == [2, 1, 0]
     # (fan_in * fan_out + fan_out) values of 4 or 8 bytes
     assert [l["values"] for l in s["layers"]] == [4 * 1 + 1, 4 * 4 + 4, 4 * 4 + 4]
@@ -197,7 +197,7 @@ def test_scenario_bytes_and_order_per_layer():
 def test_scenario_average_is_the_sum_of_what_both_ranks_send():
     """Each rank sends its share of the mean (its samples weighted 1/global batch), so the
     allreduce's sum is the average; the global-batch check below pins the scale."""
-    s = explain.two_gpu_step(REPO / JOB)
+    s = two_gpu_step(REPO / JOB)
     for l in s["layers"]:
         for part in ("weight", "bias"):
             a, b = (np.array(l["sent"][r][part]) for r in ("GPU-A", "GPU-B"))
@@ -219,15 +219,6 @@ def test_scenario_text(capsys):
     assert "gives the same gradients for every earlier layer: True" in text
 
 
-def _cli_has_scenario() -> bool:
-    try:
-        build_parser().parse_args(["explain", "--scenario"])
-        return True
-    except SystemExit:
-        return False
-
-
-@pytest.mark.skipif(not _cli_has_scenario(), reason="cli.py has no `explain --scenario` yet")
 def test_scenario_command_line():
     res = run([sys.executable, "-m", "mpitrain", "explain", "--scenario", "--json"], timeout=60)
     assert res.returncode == 0, res.output
@@ -254,7 +245,7 @@ def test_scenario_is_step_one_of_the_real_run(tmp_path):
     res = mpitrain(2, ["run", JOB, "--set", "run.steps=1", "--set", f"run.out={tmp_path}"],
                    timeout=120)
     assert res.returncode == 0, res.output
-    after = explain.two_gpu_step(REPO / JOB)["params_after_step"]
+    after = two_gpu_step(REPO / JOB)["params_after_step"]
     with np.load(tmp_path / "model.npz") as z:
         for k in z.files:
             np.testing.assert_allclose(z[k], after[k], rtol=0, atol=1e-7, err_msg=k)

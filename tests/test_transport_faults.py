@@ -15,7 +15,7 @@ from mpirun import MPIEXEC, REPO, run
 
 from mpitrain.comm.faults import FaultInjector, FaultPlan, FaultRule
 from mpitrain.comm.transport import MessageId
-from mpitrain.diagnose import diagnose
+from mpitrain.tools.diagnose import diagnose
 from mpitrain.errors import ConfigError
 
 DRIVER = str(REPO / "tests" / "comm_driver.py")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .comm.checks import ranks_text
+from ..comm.checks import ranks_text
 
 
 def _load(path: Path) -> tuple[dict, list[dict], list[dict]]:
@@ -92,53 +93,64 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
-    """Per collective, who arrived last and how long the others waited for it."""
-    common = set.intersection(*(set(c) for c in by_rank.values())) if by_rank else set()
-    last_count: Counter = Counter()
-    late_s: Counter = Counter()
-    waits: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    blame: Counter = Counter()  # seconds ranks spent blocked on messages from each peer
-    steps: dict[int, list[float]] = {}
-    n = 0
-    for seq in sorted(common):
-        recs = {r: by_rank[r][seq] for r in by_rank}
-        if any(x.get("t_leave") is None for x in recs.values()):
-            continue
-        n += 1
+@dataclass
+class _Arrivals:
+    """Who arrived when at the collectives that every rank entered and left."""
+
+    n: int = 0                                                 # collectives counted
+    last_count: Counter = field(default_factory=Counter)      # rank -> times it came last
+    late_s: Counter = field(default_factory=Counter)          # rank -> seconds it came late
+    waits: dict = field(default_factory=dict)  # (step, rank) -> [(from, until)] waiting for the last
+    blame: Counter = field(default_factory=Counter)  # peer -> seconds ranks were blocked on it
+    steps: dict = field(default_factory=dict)  # step -> [first arrival, last departure]
+
+    def add(self, recs: dict[int, dict]) -> None:
+        """Count one collective: its ledger record of every rank."""
+        self.n += 1
         for x in recs.values():
             peer = x.get("waited_on")
             if peer is not None and peer in recs:
                 # waits cascade (in a ring everyone waits on its left neighbour): blame a
                 # peer only for the part of the wait it did not spend waiting itself
-                blame[peer] += max(0.0, (x.get("wait_s") or 0.0) - (recs[peer].get("wait_s") or 0.0))
+                self.blame[peer] += max(0.0, (x.get("wait_s") or 0.0) - (recs[peer].get("wait_s") or 0.0))
         arrivals = {r: x["t_enter"] for r, x in recs.items()}
         slow = max(arrivals, key=arrivals.get)
         t_last = arrivals[slow]
-        last_count[slow] += 1
-        late_s[slow] += t_last - min(arrivals.values())
+        self.last_count[slow] += 1
+        self.late_s[slow] += t_last - min(arrivals.values())
         step = next(iter(recs.values()))["step"]
         for r, t in arrivals.items():  # rank r waits from its arrival until the last one's
             if r != slow:
-                waits.setdefault((step, r), []).append((t, t_last))
-        span = steps.setdefault(next(iter(recs.values()))["step"], [float("inf"), float("-inf")])
+                self.waits.setdefault((step, r), []).append((t, t_last))
+        span = self.steps.setdefault(step, [float("inf"), float("-inf")])
         span[0] = min(span[0], min(arrivals.values()))
         span[1] = max(span[1], max(x["t_leave"] for x in recs.values()))
+
+
+def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
+    """Per collective, who arrived last and how long the others waited for it."""
+    common = set.intersection(*(set(c) for c in by_rank.values())) if by_rank else set()
+    seen = _Arrivals()
+    for seq in sorted(common):
+        recs = {r: by_rank[r][seq] for r in by_rank}
+        if all(x.get("t_leave") is not None for x in recs.values()):
+            seen.add(recs)
+    n = seen.n
     if not n or size < 2:
         return []
     # Waits for overlapping collectives (non-blocking native allreduces) overlap in time:
     # count each rank's waiting time once, as the union of its intervals, per step.
     per_rank: Counter = Counter()
-    for (step, r), intervals in waits.items():
+    for (step, r), intervals in seen.waits.items():
         per_rank[r] += _union_length(intervals)
     wait_total = sum(per_rank.values()) / max(len(per_rank), 1)
     # wall time from the first arrival to the last departure: whole steps, compute included
-    step_time = max(b for _, b in steps.values()) - min(a for a, _ in steps.values())
-    rank, times = last_count.most_common(1)[0]
+    step_time = max(b for _, b in seen.steps.values()) - min(a for a, _ in seen.steps.values())
+    rank, times = seen.last_count.most_common(1)[0]
     frac = wait_total / step_time if step_time > 0 else 0.0
     lines = [f"arrival order over {n} collectives: "
-             + ", ".join(f"rank {r} last {c}x" for r, c in sorted(last_count.items()))]
-    mean_late = late_s[rank] / times
+             + ", ".join(f"rank {r} last {c}x" for r, c in sorted(seen.last_count.items()))]
+    mean_late = seen.late_s[rank] / times
     # Scheduling jitter makes someone last every time; name a straggler only
     # when it is late by more than jitter and the waiting matters.
     if times > n / 2 and frac > 0.2 and mean_late > 2e-3:
@@ -147,9 +159,9 @@ def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
                         f"other ranks spent {100 * frac:.0f}% of the step time waiting at collectives.")
     else:
         lines.insert(0, f"no clear straggler (ranks waited {100 * frac:.0f}% of the step time).")
-    if blame:
-        peer, secs = blame.most_common(1)[0]
-        share = secs / sum(blame.values()) if sum(blame.values()) else 0.0
+    if seen.blame:
+        peer, secs = seen.blame.most_common(1)[0]
+        share = secs / sum(seen.blame.values()) if sum(seen.blame.values()) else 0.0
         # the same noise guard: a real culprit holds others up for a fifth of the steps
         if share > 0.5 and step_time > 0 and secs / step_time > 0.2:
             lines.insert(1, f"most time blocked inside collectives was spent waiting for messages "

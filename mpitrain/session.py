@@ -1,0 +1,71 @@
+"""One MPI session of a command: start-up, user errors, bugs and the way out.
+
+Every command that runs on the ranks (``mpitrain run``, ``mpitrain bench allreduce|train``,
+the scripts in ``benchmarks/``) runs inside :func:`session`, so they all start and end the
+same way.  A user error (:class:`MpitrainError`) becomes one message on stderr, printed by
+one rank, and a non-zero exit on every rank -- never a traceback per rank, never a hang:
+
+* errors every rank raised together (bad config, replica checks, preemption, a fault that
+  the transport reported to all ranks) exit each process with the error's code;
+* an error only one rank saw (a NaN loss on that rank's shard, say) aborts the whole job
+  with MPI_Abort, since the other ranks may already wait in a collective for it.
+
+Any other exception is a bug: its traceback is printed and the job aborted with status 1.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
+
+from .context import World, environment
+from .errors import MpitrainError
+
+EXIT_WAIT_S = 3.0  # how long ranks that failed together wait for each other before exiting
+
+
+@contextmanager
+def session() -> Iterator[World]:
+    """Collective: start MPI, check the launcher, and yield the :class:`World`.
+
+    Every rank enters together.  Inside the block, code that can fail on some ranks only
+    and is followed by collectives belongs in ``world.collective_errors()``.  An error
+    leaving the block ends the process here (see the module docstring); a normal end
+    returns, and MPI is finalised when the interpreter exits.
+    """
+    # Launched with -disable-auto-cleanup, hydra sends SIGUSR1 to the other ranks whenever a
+    # rank exits, also at a normal end.  Training turns SIGUSR1 into "checkpoint and stop"
+    # (preemption); outside training it must not kill the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    world = World(environment())
+    try:
+        with world.collective_errors():
+            world.check_launcher()
+        yield world
+    except MpitrainError as err:
+        exit_on_error(err, world)
+    except Exception:  # a bug: show where, and take the job down rather than hang it
+        traceback.print_exc()
+        sys.stderr.flush()
+        world.release_shared_memory()
+        world.comm.Abort(1)
+
+
+def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
+    """Print ``err`` once and end this rank -- and the job -- with its exit code."""
+    everywhere = err.reporter is not None
+    if not everywhere or err.reporter == world.rank:
+        print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    world.release_shared_memory()  # no MPI_Finalize on this path: it would not clean up
+    if world.size > 1 and not everywhere:
+        world.comm.Abort(err.exit_code)
+    if world.size > 1:
+        # Leave together: the launcher kills the remaining ranks as soon as one exits with
+        # an error ("BAD TERMINATION"), so the ranks meet first (boundedly: one may be
+        # dead) and then all exit at once.  No MPI_Finalize: it could wait for a dead rank.
+        world.all_present(timeout=EXIT_WAIT_S)
+    os._exit(err.exit_code)

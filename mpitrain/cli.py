@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import MpitrainError
+from .errors import ConfigError, MpitrainError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(e.g. optim.lr, or optim.*), recorded in events.jsonl; repeatable")
     run.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
                      help="start P ranks with the mpiexec that belongs to mpi4py")
+    run.add_argument("--restarts", type=int, default=0, metavar="N",
+                     help="with -n: after a rank's death or an unrecovered synchronization "
+                          "fault, relaunch from the newest checkpoint, up to N times")
     run.set_defaults(func=cmd_run)
 
     explain = sub.add_parser("explain", help="the chapter's worked example, step by step")
@@ -93,7 +96,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .launch import launch_run
         flags = (["--resume"] * args.resume + ["--overwrite"] * args.overwrite
                  + [f for key in args.allow_changes for f in ("--allow-change", key)])
-        launch_run(args.nprocs, args.job, args.overrides, args.faults, flags)  # no return
+        launch_run(args.nprocs, args.job, args.overrides, args.faults, flags,
+                   args.restarts)  # no return
+    if args.restarts:
+        raise ConfigError(f"--restarts {args.restarts} needs -n P: mpitrain relaunches only "
+                          f"the jobs it launched itself",
+                          hint="use `mpitrain run -n P JOB --restarts N`, or your scheduler's "
+                               "requeue (see jobs/slurm/train.sbatch)")
     from . import config, context, jobs, train
     from .session import session
     with session() as world:

@@ -21,6 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
                       "SLURM_STEP_NUM_TASKS", "PMI_NUM_RANKS")
 
+
+# The folder where ranks started by ``mpitrain run -n P`` report that MPI is up and, when
+# they end on an error, their exit status (see mpitrain.launch).  Not MPITRAIN_*: those
+# variables are job settings.
+LAUNCH_DIR_VAR = "_MPITRAIN_LAUNCH_DIR"
 
 # ... and to this process's rank in it (MPICH/hydra, Open MPI, PMIx, Slurm).
 LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -85,6 +91,21 @@ class World:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.local_rank = node_local_rank(self.comm)
+        launch_dir = env.get(LAUNCH_DIR_VAR)
+        self.launch_dir = Path(launch_dir) if launch_dir else None
+        self._tell_launcher(f"started-{self.rank}", "")
+
+    def record_exit(self, code: int) -> None:
+        """Tell ``mpitrain run -n``'s supervisor the status this rank ends with (it makes
+        the job's status from the ranks' own, see mpitrain.launch)."""
+        self._tell_launcher(f"exit-{self.rank}", str(code))
+
+    def _tell_launcher(self, name: str, text: str) -> None:
+        if self.launch_dir is not None:
+            try:
+                (self.launch_dir / name).write_text(text)
+            except OSError:  # the supervisor is gone: nobody to tell
+                pass
 
     def check_launcher(self) -> None:
         """Fail if the launcher started P processes but MPI sees a world of one."""

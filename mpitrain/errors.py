@@ -82,6 +82,7 @@ class NumericsError(SyncError):
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; resume me
+CRASH_EXIT = 70      # EX_SOFTWARE: the status of a rank that a "crash" fault killed
 
 
 class Preempted(MpitrainError):

@@ -47,11 +47,18 @@ def session() -> Iterator[World]:
         yield world
     except MpitrainError as err:
         exit_on_error(err, world)
+    except OSError as exc:  # the file system failed under a running job (a full disk, say)
+        where = f"{exc.filename}: " if exc.filename else ""
+        exit_on_error(MpitrainError(f"cannot write the run's files: {where}{exc.strerror or exc}",
+                                    hint="free space or choose another [run] out, then "
+                                         "continue with --resume"), world)
     except Exception:  # a bug: show where, and take the job down rather than hang it
         traceback.print_exc()
         sys.stderr.flush()
+        world.record_exit(1)
         world.release_shared_memory()
         world.comm.Abort(1)
+        os._exit(1)  # MPI_Abort can return (MPICH's wheel): never go on after it
 
 
 def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
@@ -60,9 +67,11 @@ def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
     if not everywhere or err.reporter == world.rank:
         print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    world.record_exit(err.exit_code)
     world.release_shared_memory()  # no MPI_Finalize on this path: it would not clean up
     if world.size > 1 and not everywhere:
         world.comm.Abort(err.exit_code)
+        os._exit(err.exit_code)  # MPI_Abort can return (MPICH's wheel): never go on after it
     if world.size > 1:
         # Leave together: the launcher kills the remaining ranks as soon as one exits with
         # an error ("BAD TERMINATION"), so the ranks meet first (boundedly: one may be

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from mpitrain.schema import COLLECTIVE_KINDS, MESSAGE_KINDS, FaultRule
 
-CRASH_EXIT_CODE = 70  # exit status of a rank killed by a "crash" rule
+from mpitrain.errors import CRASH_EXIT as CRASH_EXIT_CODE  # noqa: E402  status of a crashed rank
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 # the Dockerfile's default base (debian:bookworm-slim).
 #
 # Usage: docker/build-base.sh [--engine podman|docker] [--tag TAG] [--mirror URL]
-# Env:   MPITRAIN_IMAGE_CACHE  folder for the cached rootfs tarball (/var/cache/mpitrain)
+# Env:   MT_IMAGE_CACHE  folder for the cached rootfs tarball (/var/cache/mpitrain)
 #
 # The tarball is cached: a rerun only re-imports it (seconds).  Needs root and
 # the debootstrap package.
@@ -15,7 +15,7 @@ ENGINE=${ENGINE:-podman}
 TAG=localhost/mpitrain-base:bookworm
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-}
-CACHE=${MPITRAIN_IMAGE_CACHE:-/var/cache/mpitrain}
+CACHE=${MT_IMAGE_CACHE:-/var/cache/mpitrain}
 
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -3,7 +3,7 @@
 Uses podman (rootful, runc) or docker, whichever is installed (podman first; override with
 MT_CONTAINER_ENGINE).  When root, with apt and no engine, podman is installed.  No registry
 is needed: the base image is made by docker/build-base.sh with debootstrap from the host's
-Debian mirror and cached in /var/cache/mpitrain (MPITRAIN_IMAGE_CACHE), so only the first
+Debian mirror and cached in /var/cache/mpitrain (MT_IMAGE_CACHE), so only the first
 run pays for it (~1 min).  pip inside the build reaches the same index as the host, trusting
 the host's CA bundle (mounted read-only at build time).
 """

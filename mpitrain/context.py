@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Iterator
 
+from .comm.waiting import Waiter
 from .errors import LaunchError, MpitrainError
 
 # Variables that launchers set to the size of the job they started.  If one says P > 1
@@ -107,13 +107,7 @@ class World:
         Used on the way out after an error that every rank raised: a dead rank must not
         make the others wait forever.
         """
-        request = self.comm.Ibarrier()
-        deadline = time.monotonic() + timeout
-        while not request.Test():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
-        return True
+        return Waiter(timeout).wait_for(self.comm.Ibarrier())
 
     @staticmethod
     def release_shared_memory() -> None:

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .backend import array_module
+from .comm.waiting import Waiter
 from .errors import LaunchError, MpitrainError
 
 if TYPE_CHECKING:
@@ -136,13 +136,7 @@ class World:
         Used on the way out after an error that every rank raised: a dead rank must not
         make the others wait forever.
         """
-        request = self.comm.Ibarrier()
-        deadline = time.monotonic() + timeout
-        while not request.Test():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
-        return True
+        return Waiter(timeout).wait_for(self.comm.Ibarrier())
 
     @staticmethod
     def release_shared_memory() -> None:

@@ -169,13 +169,14 @@ class GradientSync:
             return
         t0 = time.perf_counter()
         try:  # counted even when a check raises and on_divergence = "warn" goes on
-            comm, t = self.transport.comm, self.transport
+            comm = self.transport.comm
             # The checks use native collectives: a rank that failed in the transport must
             # be heard of first, or the others would wait for it inside MPI forever.
             self.fence(step)
             self.sum_check.verify_finite(comm, step)
-            self.sum_check.verify(comm, step, t.lost, checksums=t.use_crc,
-                                  told=t.faults_told(step),
+            seen = self.transport.evidence(step)
+            self.sum_check.verify(comm, step, seen.lost, checksums=seen.checksums,
+                                  told=seen.told,
                                   fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
         finally:
             self.comm_s += time.perf_counter() - t0

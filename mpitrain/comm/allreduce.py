@@ -43,10 +43,12 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.transport import MessageId, Transport, idle_pause, spin_budget
+from mpitrain.comm.transport import Transport
+from mpitrain.comm.waiting import Waiter, spin_budget
+from mpitrain.comm.wire import MessageId
 from mpitrain.errors import SyncError
+from mpitrain.schema import ALGORITHMS
 
-ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 
 
 FINGERPRINT_ELEMENTS = 4096
@@ -71,22 +73,16 @@ def wait_native(request, deadline_s: float, what: str, nbytes: int = 0,
     MPI's own Wait never returns if a peer died; polling keeps the harness's promise that
     a missing rank becomes an error, not a hang.  Spins first -- as long as ``nbytes`` take
     to copy at 1 GB/s, since MPICH copies only inside our Test calls, unless the node is
-    ``oversubscribed`` -- then sleeps in short steps (the transport's waiting policy,
-    :func:`~mpitrain.comm.transport.spin_budget`, :func:`~mpitrain.comm.transport.idle_pause`).
+    ``oversubscribed`` -- then sleeps in short steps (the harness's one waiting rule,
+    :mod:`mpitrain.comm.waiting`).
     """
-    t0, spin, polls = time.monotonic(), spin_budget(nbytes, oversubscribed), 0
-    while not request.Test():
-        polls += 1
-        if polls & 7 == 0:
-            waited = time.monotonic() - t0
-            if waited > deadline_s:
-                raise SyncError(
-                    f"{what} did not complete within the deadline ({deadline_s:g} s): a rank "
-                    f"stopped taking part (it may have died or hung)",
-                    hint="native MPI allreduce cannot say which rank; run with [sync] algorithm "
-                         "= \"ring\" (or tree, recursive_doubling) to have the missing peer named, "
-                         "and see `mpitrain diagnose OUT`")
-            idle_pause(waited, spin)
+    if not Waiter(deadline_s, spin_budget(nbytes, oversubscribed)).wait_for(request):
+        raise SyncError(
+            f"{what} did not complete within the deadline ({deadline_s:g} s): a rank "
+            f"stopped taking part (it may have died or hung)",
+            hint="native MPI allreduce cannot say which rank; run with [sync] algorithm "
+                 "= \"ring\" (or tree, recursive_doubling) to have the missing peer named, "
+                 "and see `mpitrain diagnose OUT`")
 
 
 class Handle:
@@ -135,9 +131,7 @@ class Allreducer:
         h.done = True
         if self.ledger is not None:
             t = self.transport
-            wait_s = t.cur_wait_s if t is not None else 0.0
-            peers = t.cur_wait_by_peer if t is not None else {}
-            waited_on = max(peers, key=peers.get) if peers else None
+            wait_s, waited_on = t.collective_wait() if t is not None else (0.0, None)
             self.ledger.leave(h.record, fingerprint(h.buf),
                               wait_s=wait_s, waited_on=waited_on)
 
@@ -184,7 +178,7 @@ class NativeAllreducer(Allreducer):
                         f"native allreduce of step {handle.step}, layer {handle.layer}",
                         handle.buf.nbytes, self.oversubscribed)
             if self.transport is not None:
-                self.transport.cur_wait_s += time.monotonic() - t0
+                self.transport.add_wait(time.monotonic() - t0)
             self._leave(handle)
 
 
@@ -289,8 +283,10 @@ class TreeAllreducer(Allreducer):
             mask >>= 1
 
 
-_CLASSES = {"native": NativeAllreducer, "ring": RingAllreducer,
-            "recursive_doubling": RecursiveDoublingAllreducer, "tree": TreeAllreducer}
+_CLASSES = {cls.name: cls for cls in (NativeAllreducer, RingAllreducer,
+                                      RecursiveDoublingAllreducer, TreeAllreducer)}
+# the registry (schema.ALGORITHM_PHASES) names exactly what is implemented here
+assert tuple(_CLASSES) == ALGORITHMS, (tuple(_CLASSES), ALGORITHMS)
 
 
 def make_allreducer(algorithm: str, comm, transport: Transport | None, *, ledger=None,

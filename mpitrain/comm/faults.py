@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from mpitrain.schema import COLLECTIVE_KINDS, MESSAGE_KINDS, FaultRule
 
-from mpitrain.errors import CRASH_EXIT as CRASH_EXIT_CODE  # noqa: E402  status of a crashed rank
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mpitrain.comm.tags import TAG_CLOCK_PING, TAG_CLOCK_PONG
+
 
 def ledger_path(run_dir: str | os.PathLike, rank: int) -> Path:
     return Path(run_dir) / f"ledger-rank{rank}.jsonl"
@@ -50,13 +52,13 @@ def measure_clock_offset(comm, rounds: int = 5) -> float:
     for peer in range(1, size):
         for _ in range(rounds):
             if rank == 0:
-                comm.Recv(buf, peer, 7101)
+                comm.Recv(buf, peer, TAG_CLOCK_PING)
                 buf[0] = time.time()
-                comm.Send(buf, peer, 7102)
+                comm.Send(buf, peer, TAG_CLOCK_PONG)
             elif rank == peer:
                 t1 = time.time()
-                comm.Send(buf, 0, 7101)
-                comm.Recv(buf, 0, 7102)
+                comm.Send(buf, 0, TAG_CLOCK_PING)
+                comm.Recv(buf, 0, TAG_CLOCK_PONG)
                 t2 = time.time()
                 best = min(best, (t2 - t1, float(buf[0]) - (t1 + t2) / 2))
     return 0.0 if rank == 0 else best[1]

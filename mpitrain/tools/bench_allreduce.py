@@ -25,9 +25,9 @@ import numpy as np
 from .. import checkpoint
 from ..context import RankContext, World
 from ..errors import ConfigError
+from ..schema import ALGORITHMS
 from .rank_argparse import RankArgumentParser
 
-ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
 
 

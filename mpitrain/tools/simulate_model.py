@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..model import plan_buckets
+from ..schema import ALGORITHMS
 
-ALGORITHMS = ("native", "ring", "recursive_doubling", "tree")
 NATIVE_SHORT_BYTES = 2048  # MPICH MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
 
 

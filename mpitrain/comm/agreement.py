@@ -68,6 +68,13 @@ class Agreement:
         self.waiting: tuple[MessageId | None, int, float] | None = None
         self._notices: dict[tuple, dict] = {}
         self._crash_notices: dict[int, dict] = {}
+        self._last_from: dict[int, tuple[tuple, dict]] = {}  # peer -> its newest notice to us
+        self._last_to: dict[int, tuple[tuple, dict]] = {}    # peer -> our newest fault to it
+
+    def note_own(self, mid: MessageId, event: dict) -> None:
+        """This rank injected fault ``event`` into message ``mid`` (to ``mid.dst``): if the
+        peer then stops taking delivery, the error can name it."""
+        self._last_to[mid.dst] = (tuple(mid), event)
 
     # ---------------------------------------------------------------- notices
     def faults_told(self, step: int) -> list[str]:
@@ -85,6 +92,7 @@ class Agreement:
                 self._crash_notices[note["crash"]] = note["fault"]
             else:
                 self._notices[tuple(note["mid"])] = note["fault"]
+                self._last_from[st.Get_source()] = (tuple(note["mid"]), note["fault"])
 
     # ------------------------------------------------------------------ reports
     def check(self) -> None:
@@ -103,20 +111,38 @@ class Agreement:
         """Report that this rank has waited ``waited`` s for ``peer``: for message ``mid``,
         or (``mid`` None) for ``peer`` to take delivery of or acknowledge its messages."""
         self.waiting = None
-        self._drain_notices()
-        note = self._crash_notices.get(peer)
-        if mid is not None:
-            note = self._notices.get(tuple(mid)) or note
         what = self._wait_text(mid, peer, waited)
-        if note:
-            self.fail(2, f"{what}. Injected fault: {describe(note)}.", FAULT_HINT,
-                      waited_on=peer, waited=waited)
+        fault = self._injected(mid, peer)
+        step = mid.step if mid is not None else None
+        layer = mid.layer if mid is not None and mid.algorithm != "fence" else None
+        if fault:
+            self.fail(2, f"{what}. Injected fault: {fault}.", FAULT_HINT,
+                      waited_on=peer, waited=waited, step=step, layer=layer)
         self.fail(1, f"{what}.", f"rank {peer} may have died (crashed or killed) or be stuck; "
                   "look at its output and run `mpitrain diagnose` on the run folder",
-                  waited_on=peer, waited=waited)
+                  waited_on=peer, waited=waited, step=step, layer=layer)
+
+    def _injected(self, mid: MessageId | None, peer: int) -> str | None:
+        """The injected fault that explains a wait on ``peer`` (for message ``mid``), if one
+        is known: a fault on that very message, the peer's crash, else the newest fault on
+        a message between the two ranks, with where it struck."""
+        self._drain_notices()
+        if mid is not None and tuple(mid) in self._notices:
+            return describe(self._notices[tuple(mid)])
+        if peer in self._crash_notices:
+            return describe(self._crash_notices[peer])
+        heard = [n for n in (self._last_from.get(peer), self._last_to.get(peer)) if n]
+        if not heard:
+            return None
+        where, note = max(heard, key=lambda n: n[1].get("t", 0.0))
+        return f"{describe(note)} on {MessageId(*where).where()}"
 
     def _wait_text(self, mid: MessageId | None, peer: int, waited: float) -> str:
         deadline = f"deadline {self.deadline_s:g} s"
+        if mid is not None and mid.algorithm == "fence":  # the step-end liveness check
+            return (f"after step {mid.step}: rank {self.rank} heard nothing from rank {peer} "
+                    f"at the step-end check in {waited:.3g} s ({deadline})"
+                    + (" despite retransmission" if self.retransmits else ""))
         if mid is None and not self.retransmits:
             return (f"rank {self.rank}: rank {peer} took no delivery of a message in "
                     f"{waited:.3g} s ({deadline})")
@@ -137,7 +163,8 @@ class Agreement:
                f"checksum mismatch.")
         if note:
             msg += f" Injected fault: {describe(note)}."
-        self.fail(2, msg, "use delivery = \"reliable\" to retransmit corrupted messages")
+        self.fail(2, msg, "use delivery = \"reliable\" to retransmit corrupted messages",
+                  step=mid.step, layer=mid.layer)
 
     def fail_mismatch(self, problem: str, mid: MessageId, hdr: tuple) -> NoReturn:
         """The packet in sequence is not ``mid``'s (``problem`` "message"), or its checksum
@@ -153,11 +180,13 @@ class Agreement:
                   "(different layer sizes, order or algorithm)")
 
     def fail(self, priority: int, message: str, hint: str | None,
-             waited_on: int | None = None, waited: float = 0.0) -> NoReturn:
+             waited_on: int | None = None, waited: float = 0.0, step: int | None = None,
+             layer: int | None = None) -> NoReturn:
         """Report a failure detected on this rank to all ranks, then raise the agreed error."""
         self.waiting = None
         report = {"reporter": self.rank, "priority": priority, "waited_on": waited_on,
-                  "waited": waited, "message": message, "hint": hint}
+                  "waited": waited, "message": message, "hint": hint, "step": step,
+                  "layer": layer}
         for r in range(self.size):
             if r != self.rank:
                 self.post(r, TAG_ERROR, report)
@@ -178,4 +207,6 @@ class Agreement:
         best = agreed(reports)
         if self.ledger is not None:
             self.ledger.flush(error=best["message"])
-        raise SyncError(best["message"], hint=best["hint"], reporter=best["reporter"])
+        raise SyncError(best["message"], hint=best["hint"], reporter=best["reporter"],
+                        step=best.get("step"), layer=best.get("layer"),
+                        ranks=[best["waited_on"]] if best["waited_on"] is not None else [])

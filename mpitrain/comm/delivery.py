@@ -64,6 +64,11 @@ class Delivery:
     def on_release(self, dst: int, seq: int) -> None:
         """A held or delayed packet goes on the wire now."""
 
+    def needed(self, dst: int, seq: int) -> bool:
+        """Whether packet ``seq`` to ``dst`` must still reach it (held or delayed packets a
+        collective waits for); False once a retransmission has been acknowledged."""
+        return True
+
     def on_drop(self, dst: int, seq: int, pkt: Packet) -> None:
         """A "drop" fault swallowed packet ``seq`` to ``dst``."""
 
@@ -172,6 +177,9 @@ class Reliable(Delivery):
         entry = self._unacked[dst].get(seq)
         if entry is not None and entry[1] is None:
             entry[1] = time.monotonic()
+
+    def needed(self, dst: int, seq: int) -> bool:
+        return seq in self._unacked[dst]
 
     def on_stale(self, src: int, expected: int) -> None:
         self._ack(src, expected - 1)

@@ -81,6 +81,7 @@ class FaultMechanics(NoFaults):
         """Send packet ``seq`` of message ``mid`` as fault ``hit`` says."""
         t, kind, dst, now = self.t, hit.rule.kind, mid.dst, time.monotonic()
         t.outbox.post_control(dst, TAG_NOTICE, {"mid": tuple(mid), "fault": hit.event})
+        t.agreement.note_own(mid, hit.event)
         t.delivery.on_send(dst, seq, pkt, on_wire=kind not in ("delay", "reorder"))
         if kind == "drop":
             t.delivery.on_drop(dst, seq, pkt)
@@ -110,7 +111,13 @@ class FaultMechanics(NoFaults):
         self.t.transmit(dst, pkt)
 
     def pending(self) -> bool:
-        return bool(self._delayed or self._held)
+        """Held or delayed packets that must still be sent.  A packet that an acknowledged
+        retransmission superseded (reliable delivery) is not waited for: it still goes out
+        when due if the transport is polling then, as a late duplicate, but it never holds
+        up its sender -- nor, through it, the other ranks."""
+        needed = self.t.delivery.needed
+        return any(needed(d, s) for _, _, d, s, _ in self._delayed) \
+            or any(needed(d, h[1]) for d, h in self._held.items())
 
     def release_due(self) -> None:
         if not (self._delayed or self._held):

@@ -37,6 +37,7 @@ from .comm.allreduce import make_allreducer
 from .comm.checks import SumCheck, check_replicas
 from .comm.faults import FaultInjector, FaultPlan
 from .comm.ledger import Ledger
+from .comm.traffic import Traffic
 from .comm.transport import Transport
 
 if TYPE_CHECKING:
@@ -58,9 +59,14 @@ class GradientSync:
     """
 
     def __init__(self, allreducer, buffers: list, overlap: bool = True,
-                 transport=None, sum_check=None, buckets: list | None = None):
+                 transport=None, sum_check=None, buckets: list | None = None,
+                 traffic: Traffic | None = None):
         self.allreducer, self.buffers, self.overlap = allreducer, buffers, overlap
         self.transport, self.sum_check = transport, sum_check
+        # what the reductions put on the network: measured by the transport for the own
+        # algorithms, modelled here for native MPI (see comm/traffic.py)
+        self.traffic = traffic if traffic is not None else \
+            Traffic(allreducer.rank, allreducer.size, modelled=allreducer.name == "native")
         self.buckets = buckets or [(i, i, buffers[i]) for i in range(len(buffers) - 1, -1, -1)]
         self._by_lo = {lo: k for k, (lo, _, _) in enumerate(self.buckets)}
         self.step = 0
@@ -112,6 +118,8 @@ class GradientSync:
         if self.sum_check is not None:
             for layer in range(lo, hi + 1):
                 self.sum_check.before(layer, self._layer_wire[layer])
+        if self.traffic.modelled:
+            self.traffic.allreduce(lo, wire.nbytes)
         return self.allreducer.start(wire, self.step, lo)
 
     def begin(self, step: int) -> None:
@@ -210,17 +218,19 @@ def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
     injector = FaultInjector(FaultPlan(rules, f.seed), ctx.rank, events) if rules else None
     ledger = Ledger(out, ctx.rank, ctx.size, ctx.comm) if cfg.sync.ledger else None
     transport = None
+    traffic = Traffic(ctx.rank, ctx.size, modelled=cfg.sync.algorithm == "native")
     if cfg.sync.algorithm != "native" or injector is not None:
         transport = Transport(ctx.comm, delivery=f.delivery, deadline_s=f.deadline_ms / 1e3,
                               injector=injector, ledger=ledger, events=events,
-                              checksum=f.checksum != "none", oversubscribed=ctx.oversubscribed)
+                              checksum=f.checksum != "none", oversubscribed=ctx.oversubscribed,
+                              traffic=traffic)
     allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, transport, ledger=ledger,
                                  deadline_s=f.deadline_ms / 1e3,
                                  oversubscribed=ctx.oversubscribed)
     checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
     buckets = [(lo, hi, model.grad_span(lo, hi)) for lo, hi in model.buckets(cfg.sync.bucket_bytes)]
     return GradientSync(allreducer, [g.flat for g in model.grads], cfg.sync.overlap, transport,
-                        checks, buckets)
+                        checks, buckets, traffic)
 
 
 def verify_replicas(comm: Any, params: list, step: int) -> None:

@@ -14,6 +14,7 @@ stop signal the context's: this module is the loop.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Callable, NoReturn
 import numpy as np
 
 from . import checkpoint, data
+from .comm import traffic
 from .comm.allreduce import wait_native
 from .comm.checks import ranks_text
 from .config import JobConfig
@@ -116,6 +118,10 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
         with np.errstate(all="ignore"):
             summary = _loop(ctx, cfg, s, sync, metrics, stop)
         report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
+        merged = traffic.gather(ctx.comm, sync.traffic, cfg.sync.algorithm)
+        if merged is not None:
+            checkpoint.write_text(s.out / "traffic.json", "{\n" + ",\n".join(
+                f" {json.dumps(k)}: {json.dumps(v)}" for k, v in merged.items()) + "\n}\n")
     finally:
         stop.restore()
         metrics.close()
@@ -262,7 +268,7 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
               "correct": int(correct), "lr": lr, "samples": int(samples),
               "time_compute": total - waited - sync.comm_s, "time_comm": sync.comm_s,
               "time_wait": waited, "time_total": total,
-              "samples_per_s": samples / total}
+              "samples_per_s": samples / total, **sync.traffic.take_step()}
     return record, stop_votes > 0
 
 

@@ -33,7 +33,7 @@ from mpi4py import MPI
 
 from mpitrain.comm.tags import TAG_ACK, TAG_LOSS
 from mpitrain.comm.waiting import Waiter
-from mpitrain.comm.wire import MessageId, Packet, tombstone
+from mpitrain.comm.wire import MessageId, Packet, payload_bytes, tombstone
 
 if TYPE_CHECKING:
     from mpitrain.comm.transport import Transport
@@ -231,6 +231,7 @@ class Reliable(Delivery):
                 entry = pending[s]
                 entry[1], entry[3] = now, entry[3] + 1
                 self.t.stats["retransmissions"] += 1
+                self.t.traffic.retransmitted(dst, payload_bytes(entry[0]))
                 self.t.transmit(dst, entry[0])
 
 

@@ -82,6 +82,7 @@ class FaultMechanics(NoFaults):
         t, kind, dst, now = self.t, hit.rule.kind, mid.dst, time.monotonic()
         t.outbox.post_control(dst, TAG_NOTICE, {"mid": tuple(mid), "fault": hit.event})
         t.agreement.note_own(mid, hit.event)
+        t.traffic.faulted(dst, kind)
         t.delivery.on_send(dst, seq, pkt, on_wire=kind not in ("delay", "reorder"))
         if kind == "drop":
             t.delivery.on_drop(dst, seq, pkt)

@@ -36,6 +36,7 @@ from mpitrain.comm.delivery import make_delivery
 from mpitrain.comm.fault_mechanics import FaultMechanics, NoFaults
 from mpitrain.comm.outbox import Outbox
 from mpitrain.comm.tags import TAG_DATA
+from mpitrain.comm.traffic import Traffic
 from mpitrain.comm.waiting import CHECK_MASK, Waiter, spin_budget
 from mpitrain.comm.wire import (F_DROPPED, F_SPLIT, H_CRC, H_FLAGS, H_NBYTES, H_SEQ, HDR_BYTES,
                                 HEADER, INLINE_MAX, MessageId, Packet, checksum, checksum_flag,
@@ -69,7 +70,8 @@ class Transport:
     def __init__(self, comm, *, delivery: str = "strict", deadline_s: float = 10.0,
                  injector=None, ledger=None, events: Callable[[dict], None] | list | None = None,
                  rto_s: float | None = None, grace_s: float | None = None,
-                 checksum: bool = True, oversubscribed: bool = False):
+                 checksum: bool = True, oversubscribed: bool = False,
+                 traffic: Traffic | None = None):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -79,6 +81,7 @@ class Transport:
         self.grace_s = float(grace_s) if grace_s is not None else min(1.0, max(0.25, self.deadline_s / 10))
         self.ledger = ledger
         self.emit = events.append if isinstance(events, list) else events
+        self.traffic = traffic if traffic is not None else Traffic(self.rank, self.size)
         self.outbox = Outbox(comm)
         self._inflight = self.outbox.pending  # (request, buffer): appended to on every send
         self.delivery = make_delivery(delivery, self, checksum, self.rto_s)
@@ -121,6 +124,8 @@ class Transport:
         self._send_seq[dst] = seq + 1
         data = payload.view(np.uint8)
         n = data.size
+        if mid.layer >= 0:  # gradient payload (a fence is the transport's own)
+            self.traffic.sent(dst, mid.layer, n)
         crc = checksum(data) if self.use_crc else 0
         hit = None
         if self._armed and mid.algorithm != "fence":
@@ -302,6 +307,8 @@ class Transport:
             self.stats["corrupt_detected"] += 1
             return self.delivery.on_corrupt(mid, seq)
         self.stats["received"] += 1
+        if mid.layer >= 0:
+            self.traffic.received(nbytes)
         self.delivery.on_received(src, seq)
         return body
 

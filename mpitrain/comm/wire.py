@@ -102,6 +102,12 @@ def header_problem(hdr: tuple, mid: MessageId, seq: int, nbytes: int,
     return None
 
 
+def payload_bytes(pkt: Packet) -> int:
+    """The payload size of a packet: its second message, or what follows the header."""
+    head, body = pkt
+    return int(body.size) if body is not None else len(head) - HDR_BYTES
+
+
 def tombstone(head: bytes | np.ndarray) -> bytes:
     """The header-only packet head sent in place of a dropped message (lossy delivery): the
     same header, flagged :data:`F_DROPPED`, with no payload to follow."""

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..model import plan_buckets
+from ..comm.volume import rounds
 from ..schema import ALGORITHMS
 
-NATIVE_SHORT_BYTES = 2048  # MPICH MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
 
 
 @dataclass
@@ -54,30 +54,6 @@ class Network:
     mtu: int = 4096          # bytes per packet
     window: int = 64         # go-back-N window, packets
     rto: float = 100e-6      # retransmission timeout, s
-
-
-def rounds(algo: str, p: int, n: float) -> list[tuple[int, float, float]]:
-    """(repeat, message bytes, reduced bytes) per round kind, one rank's critical path."""
-    if p <= 1 or n <= 0:
-        return []
-    lg = math.ceil(math.log2(p))
-    if algo == "ring":
-        return [(p - 1, n / p, n / p), (p - 1, n / p, 0.0)]
-    if algo == "recursive_doubling" or (algo == "native" and n <= NATIVE_SHORT_BYTES):
-        p2 = 1 << (p.bit_length() - 1)
-        out = [(p2.bit_length() - 1, n, n)]
-        if p != p2:
-            out += [(1, n, n), (1, n, 0.0)]
-        return out
-    if algo == "tree":
-        return [(lg, n, n), (lg, n, 0.0)]
-    if algo == "native":  # Rabenseifner: halving reduce-scatter, doubling allgather
-        out, m = [], n
-        for _ in range(lg):
-            m /= 2
-            out.append((1, m, m))
-        return out + [(1, m * 2 ** k, 0.0) for k in range(lg)]
-    raise ConfigError(f"unknown algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
 
 
 def _loss_terms(m: float, net: Network) -> tuple[float, float]:

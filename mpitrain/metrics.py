@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
+from .comm import outcome
 
 
 class Metrics:
@@ -132,6 +133,22 @@ def report_transport(comm: Any, stats: dict[str, float], metrics: Metrics, step:
                      f"({total['recovery_s']:.3f} s recovering), {int(total['lost'])} lost, "
                      f"{int(total['corrupt_detected'])} corrupt detected, "
                      f"{int(total['stale_discarded'])} duplicates/stale discarded")
+
+
+def report_fault_outcome(comm: Any, transport: Any, metrics: Metrics, step: int,
+                         delivery: str, warned_steps: set[int]) -> None:
+    """Collective: what every injected message fault did (see comm/outcome.py); rank 0
+    prints one line and records a "fault_outcome" event."""
+    rows = outcome.gather(comm, transport)
+    if rows is None:
+        return
+    classes = outcome.classify(rows, delivery, warned_steps)
+    line = outcome.summary(classes, delivery)
+    if line is None:
+        return
+    metrics.event("fault_outcome", step, **{name.replace(" ", "_"): len(effects)
+                                            for name, effects in classes.items()})
+    metrics.note(line)
 
 
 class EventLog:

@@ -29,7 +29,7 @@ from .comm.checks import ranks_text
 from .config import JobConfig
 from .context import RankContext, StopSignal
 from .errors import DataError, DivergenceError, NumericsError, Preempted, ReductionError
-from .metrics import EventLog, Metrics, report_transport
+from .metrics import EventLog, Metrics, report_fault_outcome, report_transport
 from .model import MLP
 from .model import build as build_model
 from .optim import Optimizer, learning_rate
@@ -118,6 +118,8 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
         with np.errstate(all="ignore"):
             summary = _loop(ctx, cfg, s, sync, metrics, stop)
         report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
+        report_fault_outcome(ctx.comm, sync.transport, metrics, s.total_steps,
+                             cfg.faults.delivery, {step for step, _ in s.warnings})
         merged = traffic.gather(ctx.comm, sync.traffic, cfg.sync.algorithm)
         if merged is not None:
             checkpoint.write_text(s.out / "traffic.json", "{\n" + ",\n".join(

@@ -35,7 +35,7 @@ from mpitrain.comm.faults import FaultInjector, Hit
 from mpitrain.errors import CRASH_EXIT
 from mpitrain.comm.tags import TAG_NOTICE
 from mpitrain.comm.waiting import Waiter
-from mpitrain.comm.wire import MessageId, Packet, corrupted
+from mpitrain.comm.wire import MessageId, Packet, corrupted, payload_change
 
 if TYPE_CHECKING:
     from mpitrain.comm.transport import Transport
@@ -49,6 +49,7 @@ class NoFaults:
     :meth:`decide` and :meth:`after_transmit` on every message."""
 
     armed = False
+    effects: list[dict] = []  # the message faults carried out (see FaultMechanics)
 
     def pending(self) -> bool:
         """Whether held or delayed messages still wait to be sent."""
@@ -72,6 +73,7 @@ class FaultMechanics(NoFaults):
         self._delayed: list[tuple[float, int, int, int, Packet]] = []  # heap (t_due, n, dst, seq, pkt)
         self._held: dict[int, tuple[float, int, Packet]] = {}  # dst -> (t_release, seq, pkt)
         self._n = 0
+        self.effects: list[dict] = []  # each message fault: kind, mid, rule (corrupt: change)
 
     def decide(self, mid: MessageId, nbytes: int) -> Hit | None:
         """The fault for message ``mid`` (first transmission only), or None."""
@@ -83,11 +85,15 @@ class FaultMechanics(NoFaults):
         t.outbox.post_control(dst, TAG_NOTICE, {"mid": tuple(mid), "fault": hit.event})
         t.agreement.note_own(mid, hit.event)
         t.traffic.faulted(dst, kind)
+        effect = {"kind": kind, "mid": tuple(mid), "rule": hit.index}
+        self.effects.append(effect)
         t.delivery.on_send(dst, seq, pkt, on_wire=kind not in ("delay", "reorder"))
         if kind == "drop":
             t.delivery.on_drop(dst, seq, pkt)
         elif kind == "corrupt":
-            t.transmit(dst, corrupted(pkt, dtype, hit.rule.corrupt, hit.pick))
+            altered = corrupted(pkt, dtype, hit.rule.corrupt, hit.pick)
+            effect["change"] = payload_change(pkt, altered, dtype)
+            t.transmit(dst, altered)
         elif kind == "duplicate":
             t.transmit(dst, pkt)
             t.transmit(dst, pkt)

@@ -135,3 +135,18 @@ def corrupted(pkt: Packet, dtype, mode: str, pick: int) -> Packet:
         bit = pick % (body.size * 8)
         body[bit // 8] ^= np.uint8(1 << (bit % 8))
     return (head, None) if pkt[1] is None else (head, body)
+
+
+def payload_change(pkt: Packet, altered: Packet, dtype) -> float:
+    """The largest absolute change ``altered`` makes to ``pkt``'s payload values (inf for a
+    NaN or an overflow): what a corruption did, to compare with a check's tolerance."""
+    def values(p: Packet) -> np.ndarray:
+        head, body = p
+        raw = np.frombuffer(head, np.uint8)[HDR_BYTES:] if body is None else body
+        raw = raw[:raw.size - raw.size % np.dtype(dtype).itemsize]
+        return raw.view(dtype).astype(np.float64)
+    with np.errstate(all="ignore"):
+        diff = np.abs(values(altered) - values(pkt))
+    if not diff.size:
+        return 0.0
+    return float("inf") if not np.isfinite(diff).all() else float(diff.max())

@@ -275,6 +275,8 @@ EVALUATE_BAD = [
     (lambda d, t: [str(d), "--set", "data.val_fraction=0", "--split", "val"],
      "--split val: the validation split is empty"),
     (lambda d, t: [str(d), "--data", "regression"], "needs class labels"),
+    (lambda d, t: [str(d), "--set", "data.source=synthetic"],
+     "the data (synthetic-classification-4) has 16 features but the model of"),
 ]
 
 
@@ -324,6 +326,18 @@ def test_progress_bar_on_stderr_only_when_asked_and_tables_unchanged(
     assert ("ETA" in err) == bar and ("work:" in err) == bar
     if not bar:
         assert err == ""
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    """`mpitrain evaluate ... | head`: the rest of the output is dropped, no traceback."""
+    code = ("from mpitrain.tools.progress import print_result\n"
+            "for i in range(100000):\n    print_result(f'line {i}')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.readline()
+    proc.stdout.close()  # like head after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == "", err
 
 
 def test_n_launch_passes_the_terminal_on(monkeypatch):

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import config, jobs
 from ..config import SECTIONS, JobConfig, Origins
+from .progress import print_result
 
 DEFAULT = "default"
 
@@ -28,10 +29,8 @@ def main(job: str | None, overrides: list[str], faults: list[str], as_json: bool
     cfg, origins = config.load_with_origins(jobs.resolve(job), overrides, environ,
                                             extra_rules=rules)
     sources = _rule_sources(cfg, origins, faults)
-    if as_json:
-        print(json.dumps(to_json(cfg, origins, sources), indent=1))
-    else:
-        print(annotated_toml(cfg, origins, sources), end="")
+    print_result(json.dumps(to_json(cfg, origins, sources), indent=1) if as_json
+                 else annotated_toml(cfg, origins, sources).rstrip("\n"))
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from ..launch import exec_under_mpiexec
 from ..metrics import fmt
 from ..model import MLP
 from ..session import session
+from .progress import print_result
 
 SPLITS = ("val", "train", "all")
 SPLIT_NAMES = {"val": "validation split", "train": "training split", "all": "all samples"}
@@ -66,8 +68,7 @@ def main(args: argparse.Namespace) -> int:
             plan = make_plan(args, world.env)
         result = evaluate_on_ranks(world, plan)
         if world.rank == 0:
-            print(json.dumps(result, indent=1) if args.json else format_result(result),
-                  flush=True)
+            print_result(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 
 
@@ -179,10 +180,26 @@ def _load(ctx: RankContext, plan: Plan) -> tuple[MLP, data.Dataset, np.ndarray]:
             # test labels need not use every class the model knows
             dataset = dataclasses.replace(dataset, classes=out_width)
         data.check_fits(dataset, len(idx), out_width, cfg.model.loss, 1, 1, "weighted")
+        fan_in = input_width(plan.params)
+        if fan_in is not None and fan_in != dataset.features:
+            raise DataError(f"the data ({dataset.name}) has {dataset.features} features but the "
+                            f"model of {plan.params} takes {fan_in} inputs",
+                            hint="evaluate on data like the model's training data (--data)")
     except DataError as err:  # name the data's source, like `mpitrain run` names the job
         err.message = f"{plan.data_where}: {err.message}"
         raise
     return load_model(cfg, dataset.features, plan.params, ctx.xp), dataset, idx
+
+
+def input_width(params: Path) -> int | None:
+    """The input width (fan-in of layer 0) of a parameter file or checkpoint; None when
+    the file cannot tell (:func:`load_model` then says what is wrong with it)."""
+    try:
+        with np.load(params) as z:
+            return int(z["layers.0.weight"].shape[0])
+    except (OSError, ValueError, KeyError, EOFError, IndexError, AttributeError,
+            zipfile.BadZipFile):
+        return None
 
 
 def load_model(cfg: JobConfig, features: int, params: Path, xp: Any) -> MLP:

@@ -1,8 +1,11 @@
-"""Progress with an ETA for long tool runs (``bench allreduce`` sweeps, ``bench train``
-runs): a tqdm bar on stderr, drawn by rank 0 only and, by default, only when stderr is a
-terminal.  The tables on stdout stay byte for byte what they are without it: lines printed
-through :meth:`Progress.print` go to stdout with the bar cleared and redrawn around them,
-and the bar disappears when the work is done.
+"""What tools show: their results on stdout, and progress with an ETA on stderr.
+
+Progress (``bench allreduce`` sweeps, ``bench train`` runs) is a tqdm bar on stderr, drawn
+by rank 0 only and, by default, only when stderr is a terminal.  The tables on stdout stay
+byte for byte what they are without it: lines printed through :meth:`Progress.print` go to
+stdout with the bar cleared and redrawn around them, and the bar disappears when the work
+is done.  A reader that stops reading stdout early (``| head``) is no error
+(:func:`print_result`).
 
 Under mpiexec the ranks write into pipes and cannot see the user's terminal, so a
 ``-n P`` re-launch passes ``--progress bar`` on when the launching process is at one
@@ -11,6 +14,7 @@ Under mpiexec the ranks write into pipes and cannot see the user's terminal, so 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -29,6 +33,19 @@ def forward_terminal(args: list[str]) -> list[str]:
     this process's stderr is a terminal and ``--progress`` was not given."""
     given = any(a == "--progress" or a.startswith("--progress=") for a in args)
     return args if given or not sys.stderr.isatty() else [*args, "--progress", "bar"]
+
+
+def print_result(text: str) -> None:
+    """``text`` and a newline on stdout, flushed.  When the reader has gone (``| head``),
+    the rest of the output goes to /dev/null instead of ending in a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Progress:
@@ -52,11 +69,14 @@ class Progress:
 
     def print(self, line: str) -> None:
         """``line`` on stdout, flushed (the bar, if any, cleared and redrawn around it)."""
-        if self._bar is not None:
+        if self._bar is None:
+            print_result(line)
+            return
+        try:
             self._bar.write(line, file=sys.stdout)
             sys.stdout.flush()
-        else:
-            print(line, flush=True)
+        except BrokenPipeError:
+            _stdout_to_devnull()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,4 +1,4 @@
-"""Command line: ``mpitrain run | explain | diagnose | bench | simulate``.
+"""Command line: ``mpitrain run | config | evaluate | explain | diagnose | bench | simulate``.
 
 This module only builds the parser and hands each command to its home: training to
 :mod:`mpitrain.train` inside :func:`mpitrain.session.session` (start-up, one message per
@@ -19,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpitrain", description="MPI data-parallel training with fault injection in the "
                                      "gradient message path.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the versions of mpitrain, mpi4py and its MPI library, "
+                             "numpy and Python, and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="`mpitrain COMMAND --help` for its options")
 
     run = sub.add_parser("run", help="train a job (under mpiexec/srun, or -n P to launch)",
                          description="Train JOB (a TOML job file; default: the built-in digits "
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "fault, relaunch from the newest checkpoint, up to N times")
     run.set_defaults(func=cmd_run)
 
+    _add_config_parser(sub)
+    _add_evaluate_parser(sub)
+
     explain = sub.add_parser("explain", help="the chapter's worked example, step by step")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("--scenario", nargs="?", const=True, default=False, metavar="JOB",
@@ -65,13 +72,72 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: `bench allreduce` (nccl-tests style sweep), "
                            "`bench train` (steps/s, compute/communication split)",
                            add_help=False, prefix_chars="\0")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="a benchmark and its options (`mpitrain bench --help`)")
     bench.set_defaults(func=cmd_bench)
     simulate = sub.add_parser("simulate", help="alpha-beta-gamma cost model of a training step "
                               "at any scale", add_help=False, prefix_chars="\0")
-    simulate.add_argument("simulate_args", nargs=argparse.REMAINDER)
+    simulate.add_argument("simulate_args", nargs=argparse.REMAINDER,
+                          help="the model's options (`mpitrain simulate --help`)")
     simulate.set_defaults(func=cmd_simulate)
     return parser
+
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
+    cfg = sub.add_parser("config", help="print the resolved job, with where each value came "
+                                        "from",
+                         description="Print JOB as `mpitrain run` would resolve it (defaults < "
+                                     "job file < MPITRAIN_* environment < --set), as the "
+                                     "config.toml a run writes with each value's source as "
+                                     "a comment.")
+    cfg.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job; "
+                     "omit for the built-in digits job")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a job key, as for run; "
+                     "repeatable")
+    cfg.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
+                     help="add a fault rule, as for run; repeatable")
+    cfg.add_argument("--json", action="store_true",
+                     help='{section: {key: {"value": ..., "source": ...}}} instead of TOML')
+    cfg.set_defaults(func=cmd_config)
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    from .tools.evaluate import SPLITS
+    ev = sub.add_parser("evaluate", help="loss, accuracy and confusion matrix of a trained "
+                                         "model on a data set (any rank count)",
+                        description="Evaluate the parameters of a run folder (model.npz, else "
+                                    "its newest checkpoint; model and data from its "
+                                    "config.toml) or of a parameter .npz (model and data from "
+                                    "--data / --set, else the built-in digits job).  Launch "
+                                    "like run: mpiexec, srun, one process, or -n P.")
+    ev.add_argument("target", metavar="TARGET", help="a run's output folder, or a parameter "
+                    ".npz")
+    ev.add_argument("--data", metavar="JOB_OR_NPZ",
+                    help="the data set: an .npz with x and y (or a folder of x.npy, y.npy), "
+                         "or a job whose [data] is used (with a parameter .npz: its model too)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="override a job key of the model or "
+                    "data, e.g. --set run.device=cpu; repeatable")
+    ev.add_argument("--split", choices=SPLITS,
+                    help="which samples ([data] val_fraction and seed split them as in "
+                         "training); default: val for a run folder on its own data, else all")
+    ev.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
+                    help="start P ranks with the mpiexec that belongs to mpi4py")
+    ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ev.set_defaults(func=cmd_evaluate)
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the versions are looked up only when asked (mpi4py loads its MPI)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import report
+        print(report())
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +190,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
+    from .metrics import fmt
     parts = [f"{summary['steps']} steps"]
     for key in ("loss", "val_loss", "val_accuracy"):
         if summary.get(key) is not None:
-            parts.append(f"{key} {summary[key]:.4f}")
+            parts.append(f"{key} {fmt(summary[key])}")
     print(f"mpitrain: done: {', '.join(parts)}; outputs in {summary['out']}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- other commands
+def cmd_config(args: argparse.Namespace) -> int:
+    from .context import environment
+    from .tools import config_cmd
+    return config_cmd.main(args.job, args.overrides, args.faults, args.json, environment())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .tools import evaluate
+    return evaluate.main(args)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .tools.explain import main as explain_main
     return explain_main(json_output=args.json, scenario=args.scenario)

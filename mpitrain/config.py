@@ -155,6 +155,12 @@ class JobConfig:
 
 
 # --------------------------------------------------------------------------- loading
+#: Where each value of a job came from, by (section, key): the job file's path,
+#: ``environment MPITRAIN_...``, ``--set section.key=value`` or ``--fault``; keys left at
+#: their default are absent.  Fault rules also have one entry each, ("faults", "rules[i]").
+Origins = dict[tuple[str, str], str]
+
+
 def load(path: str | Path | None = None, overrides: Sequence[str] = (),
          environ: Mapping[str, str] | None = None,
          extra_rules: Sequence[Mapping[str, Any]] = ()) -> JobConfig:
@@ -162,6 +168,14 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (),
 
     ``extra_rules`` (from ``--fault``) are appended to the fault rules of the other sources.
     """
+    return load_with_origins(path, overrides, environ, extra_rules)[0]
+
+
+def load_with_origins(path: str | Path | None = None, overrides: Sequence[str] = (),
+                      environ: Mapping[str, str] | None = None,
+                      extra_rules: Sequence[Mapping[str, Any]] = ()
+                      ) -> tuple[JobConfig, Origins]:
+    """:func:`load`, and where each value came from (:data:`Origins`)."""
     raw: dict[str, dict[str, Any]] = {}
     origin: dict[tuple[str, str], str] = {}
     name = "default"
@@ -176,6 +190,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (),
     for item in overrides:
         sec, k, value = _split_override(item)
         _merge(raw, origin, {sec: {k: value}}, f"--set {item}")
+    rules_origin = origin.get(("faults", "rules"), "default")
     if extra_rules:
         rules = list(raw.get("faults", {}).get("rules", [])) + list(extra_rules)
         _merge(raw, origin, {"faults": {"rules": rules}}, "--fault")
@@ -186,7 +201,10 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (),
                 for sec, cls in SECTIONS.items()}
     cfg = JobConfig(**sections, name=name, path=str(path) if path else None)
     _check_combinations(cfg, origin, str(path) if path else "the defaults")
-    return cfg
+    n_job_rules = len(cfg.faults.rules) - len(extra_rules)
+    for i in range(len(cfg.faults.rules)):
+        origin[("faults", f"rules[{i}]")] = rules_origin if i < n_job_rules else "--fault"
+    return cfg, origin
 
 
 def _read_toml(path: Path) -> dict:

@@ -29,6 +29,15 @@ from . import checkpoint
 from .comm import outcome
 
 
+def fmt(x: float, digits: int = 4) -> str:
+    """``x`` with ``digits`` decimals for the user, never "-0.0000": a loss or accuracy that
+    rounds to zero prints as 0 whatever its sign (a perfect cross-entropy is -0.0, and
+    -1e-9 from rounding is no loss below zero).  Every loss and accuracy a command prints
+    goes through here."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 class Metrics:
     """Writes metrics and events on rank 0 and drives the progress display."""
 
@@ -70,7 +79,7 @@ class Metrics:
             # one step's rate is noise; show a moving average
             self._rate = record["samples_per_s"] if self._rate is None else \
                 0.9 * self._rate + 0.1 * record["samples_per_s"]
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}",
+            self._bar.set_postfix(loss=fmt(record['loss']),
                                   samples_s=f"{self._rate:.0f}", refresh=False)
             self._bar.update(1)
         elif self._plain:
@@ -81,17 +90,17 @@ class Metrics:
                 rate = self._window[0] / max(self._window[1], 1e-12)
                 self._window = [0, 0.0]
                 print(f"step {step}/{self.total}  epoch {record['epoch']}  "
-                      f"loss {record['loss']:.4f}  {rate:.0f} samples/s", file=sys.stderr,
+                      f"loss {fmt(record['loss'])}  {rate:.0f} samples/s", file=sys.stderr,
                       flush=True)
 
     def epoch(self, record: dict) -> None:
         if not self.active:
             return
         self._metrics.write(json.dumps({"kind": "epoch", **record}) + "\n")
-        line = f"epoch {record['epoch']}  step {record['step']}  loss {record['loss']:.4f}"
+        line = f"epoch {record['epoch']}  step {record['step']}  loss {fmt(record['loss'])}"
         for key in ("accuracy", "val_loss", "val_accuracy"):
             if record[key] is not None:
-                line += f"  {key.replace('accuracy', 'acc')} {record[key]:.4f}"
+                line += f"  {key.replace('accuracy', 'acc')} {fmt(record[key])}"
         if self._bar is not None:
             self._bar.write(line, file=sys.stderr)
         elif self._plain:

@@ -23,6 +23,7 @@ from typing import Callable, NoReturn
 import numpy as np
 
 from . import checkpoint, data
+from .backend import to_host
 from .comm import traffic
 from .comm.allreduce import wait_native
 from .comm.checks import ranks_text
@@ -326,8 +327,11 @@ def _end_of_epoch(ctx: RankContext, s: Setup, sync: GradientSync, metrics: Metri
 
 
 def evaluate(ctx: RankContext, model: MLP, dataset: data.Dataset, idx: np.ndarray,
-             chunk: int = 1024) -> tuple[float, float]:
-    """Collective: (mean loss, accuracy) over ``idx``, each rank taking a contiguous part."""
+             chunk: int = 1024, confusion: np.ndarray | None = None) -> tuple[float, float]:
+    """Collective: (mean loss, accuracy) over ``idx``, each rank taking a contiguous part.
+
+    ``confusion`` (classes x classes, integer zeros): gets the count of each (true class,
+    predicted class) pair, rows true, summed over ranks."""
     part = np.array_split(idx, ctx.size)[ctx.rank]
     totals = np.zeros(3)
     for start in range(0, len(part), chunk):
@@ -335,7 +339,11 @@ def evaluate(ctx: RankContext, model: MLP, dataset: data.Dataset, idx: np.ndarra
         out = model.forward(x)
         loss_sum, _ = model.loss(out, y, 1.0)
         totals += (loss_sum, model.correct(out, y), len(x))
+        if confusion is not None:
+            np.add.at(confusion, (to_host(y.argmax(axis=1)), to_host(out.argmax(axis=1))), 1)
     ctx.sum(totals)
+    if confusion is not None:
+        ctx.sum(confusion)
     return totals[0] / totals[2], totals[1] / totals[2]
 
 

@@ -13,7 +13,7 @@ import sys
 from ..errors import ConfigError
 from ..launch import exec_under_mpiexec
 from ..session import session
-from . import bench_allreduce, bench_train
+from . import bench_allreduce, bench_train, progress
 
 BENCHMARKS = {"allreduce": bench_allreduce, "train": bench_train}
 USAGE = ("usage: mpitrain bench {allreduce,train} [-n P] [ARGS]\n"
@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
     sub, args = argv[0], argv[1:]
     nprocs, args = strip_np(args)
     if nprocs is not None:
-        exec_under_mpiexec(nprocs, ["-m", "mpitrain", "bench", sub, *args])
+        exec_under_mpiexec(nprocs, ["-m", "mpitrain", "bench", sub,
+                                    *progress.forward_terminal(args)])
     benchmark = BENCHMARKS[sub]
     with session() as world:
         with world.collective_errors():

@@ -26,6 +26,7 @@ from .. import checkpoint
 from ..context import RankContext, World
 from ..errors import ConfigError
 from ..schema import ALGORITHMS
+from . import progress
 from .rank_argparse import RankArgumentParser
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int64": np.int64}
@@ -42,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations per size (5)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help="comma-separated subset of " + ",".join(ALGORITHMS))
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="element type of the buffers (float32)")
     p.add_argument("--max-seconds", type=float, default=2.0,
                    help="cap on timed seconds per size and algorithm: big sizes of slow "
                         "algorithms run fewer iterations (at least 3); 0 = no cap")
@@ -52,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
                    help="message checksums of the own algorithms ([faults] checksum); both: "
                         "run each own algorithm with and without (rows 'ALG' and 'ALG:nosum')")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    progress.add_option(p)
     return p
 
 
@@ -116,13 +119,22 @@ def run(world: World, prepared: tuple) -> int:
     1 on rank 0 when any sum was wrong, else 0."""
     args, algos, dtype, counts, env = prepared
     ctx = _connect(world, env)
+    if ctx.rank == 0:
+        _print_header(world.size, dtype, args.iters, args.warmup)
+    bar = progress.Progress(args.progress, _sweep_work(algos, args.checksum, counts, dtype),
+                            active=ctx.rank == 0, desc="bench allreduce")
+
+    def print_row(row: dict) -> None:
+        bar.print(_row_text(row))
+        bar.advance(_work(row["bytes"]))
+
     try:
         rows = run_allreduce_sweep(ctx.comm, algos, dtype, counts, args.iters, args.warmup,
                                    args.deadline, args.max_seconds,
-                                   print_row=_print_row if ctx.rank == 0 else None,
-                                   header=ctx.rank == 0, checksum=args.checksum,
-                                   oversubscribed=ctx.oversubscribed)
+                                   print_row=print_row if ctx.rank == 0 else None,
+                                   checksum=args.checksum, oversubscribed=ctx.oversubscribed)
     finally:
+        bar.close()
         ctx.close()
     if world.rank != 0:
         return 0
@@ -134,6 +146,19 @@ def run(world: World, prepared: tuple) -> int:
     if args.json:
         _write_json(Path(args.json), world.size, dtype, args, rows)
     return 0 if wrong == 0 else 1
+
+
+def _work(nbytes: int) -> int:
+    """The progress bar's estimate of one size's cost: its bytes plus a per-message
+    latency worth about 64 KiB (alpha-beta), so the ETA holds from small sizes to big."""
+    return nbytes + (64 << 10)
+
+
+def _sweep_work(algos: list[str], checksum: str, counts: list[int], dtype: np.dtype) -> int:
+    """The work of the whole sweep in :func:`_work` units (own algorithms run twice with
+    ``--checksum both``)."""
+    runs = sum(1 if a == "native" or checksum != "both" else 2 for a in algos)
+    return runs * sum(_work(c * dtype.itemsize) for c in counts)
 
 
 def _connect(world: World, env: dict[str, str], blas_threads: int = 1) -> RankContext:
@@ -156,7 +181,7 @@ def _write_json(path: Path, ranks: int, dtype: np.dtype, args, rows: list[dict])
 
 # --------------------------------------------------------------------------- the sweep
 def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60.0,
-                        max_seconds=0.0, print_row=None, header=False,
+                        max_seconds=0.0, print_row=None,
                         checksum: str = "crc32c", oversubscribed: bool = False) -> list[dict]:
     """Collective: time every (algorithm, count) pair on ``comm``; rows (same on every rank).
 
@@ -165,8 +190,6 @@ def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60
     on the node (shorter spins while waiting, see ``transport.spin_budget``)."""
     from ..comm.allreduce import make_allreducer
     from ..comm.transport import Transport
-    if header:
-        _print_header(comm.Get_size(), dtype, iters, warmup)
     sums = ["crc32c", "none"] if checksum == "both" else [checksum]
     runs = [(a, "-" if a == "native" else c) for a in algos for c in (["-"] if a == "native" else sums)]
     rows = []
@@ -245,8 +268,8 @@ def _print_header(size: int, dtype: np.dtype, iters: int, warmup: int) -> None:
           f"{'redtime(us)':>11}", flush=True)
 
 
-def _print_row(r: dict) -> None:
+def _row_text(r: dict) -> str:
     label = r["algorithm"] + (":nosum" if r.get("checksum") == "none" else "")
-    print(f"  {r['bytes']:>12} {r['count']:>10} {r['dtype']:>8} {label:>18} "
-          f"{r['time_us']:>10.1f} {r['algbw_GBps']:>11.4f} {r['busbw_GBps']:>11.4f} "
-          f"{r['wrong']:>7} {r['reduce_s'] * 1e6:>11.1f}", flush=True)
+    return (f"  {r['bytes']:>12} {r['count']:>10} {r['dtype']:>8} {label:>18} "
+            f"{r['time_us']:>10.1f} {r['algbw_GBps']:>11.4f} {r['busbw_GBps']:>11.4f} "
+            f"{r['wrong']:>7} {r['reduce_s'] * 1e6:>11.1f}")

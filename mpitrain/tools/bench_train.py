@@ -20,6 +20,7 @@ from .. import checkpoint, config, context, jobs
 from ..context import World
 from ..errors import ConfigError, MpitrainError
 from ..metrics import read_jsonl
+from . import progress
 from .rank_argparse import RankArgumentParser
 
 
@@ -37,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per variant, interleaved (1; medians pool all runs)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    progress.add_option(p)
     return p
 
 
@@ -80,17 +82,21 @@ def run(world: World, prepared: tuple) -> int:
                            else None, root=0)
     results: dict[str, list[dict]] = {name: [] for name, _ in variants}
     per_run: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    bar = progress.Progress(args.progress, args.repeat * len(variants),
+                            active=world.rank == 0, desc="bench train runs")
     try:
         for rep in range(args.repeat):
             for name, overlap in variants:
                 out = _run_once(world, args, job_file, user_out, len(variants), tmp, name,
                                 overlap, rep)
+                bar.advance(1)
                 if world.rank == 0:
                     recs = read_jsonl(Path(out) / "metrics.jsonl")
                     recs = [r for r in recs if r.get("kind") == "step"]
                     results[name] += [r for r in recs if r["step"] > args.warmup]
                     per_run[name].append(summarize_steps(recs, args.warmup))
                     per_run[name][-1]["out"] = out
+        bar.close()
         if world.rank != 0:
             return 0
         report = _report(args, world.size, variants, results, per_run)
@@ -99,6 +105,7 @@ def run(world: World, prepared: tuple) -> int:
             checkpoint.write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
         return 0
     finally:
+        bar.close()
         if world.rank == 0 and not user_out:
             shutil.rmtree(tmp, ignore_errors=True)
 

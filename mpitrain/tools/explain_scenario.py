@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import config, data, jobs
 from ..errors import DataError
+from ..metrics import fmt
 from ..model import MLP
 from ..model import build as build_model
 from ..optim import Optimizer, learning_rate
@@ -154,8 +155,8 @@ def format_scenario(s: dict) -> str:
         f"  model {arch} (two hidden layers of four neurons, one output), dtype {s['dtype']}",
         f"  global batch {s['global_batch']}: GPU-A (rank 0) takes {s['samples_per_rank'][0]}"
         f" samples, GPU-B (rank 1) the other {s['samples_per_rank'][1]}",
-        f"  loss over the global batch {s['global_loss']:.6f} (GPU-A's half contributes "
-        f"{s['local_loss'][0]:.6f}, GPU-B's {s['local_loss'][1]:.6f})",
+        f"  loss over the global batch {fmt(s['global_loss'], 6)} (GPU-A's half contributes "
+        f"{fmt(s['local_loss'][0], 6)}, GPU-B's {fmt(s['local_loss'][1], 6)})",
         "",
         "Backward pass, layer by layer as it produces them (last layer first); each layer's",
         "gradients go into one allreduce as soon as they exist.  Each GPU weights its samples",

@@ -29,12 +29,16 @@ def parser() -> argparse.ArgumentParser:
                                             "time and traffic per rank for P up to 4096")
     p.add_argument("job", nargs="?", help="job file for the layer sizes, batch and dtype "
                                           "(default: the built-in digits job)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
+                   help="override a key of the job, as for run (e.g. model.layers=[256,10]); "
+                        "repeatable")
     p.add_argument("--layers", help="widths from the input, e.g. 784,1024,1024,10 (wins over JOB)")
     p.add_argument("--batch", type=int, help="per-rank batch (default: the job's)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="default: the job's")
-    p.add_argument("--ranks", default="2,4,8,16,32,64,128,256,512,1024,2048,4096")
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--ranks", default="2,4,8,16,32,64,128,256,512,1024,2048,4096",
+                   help="comma-separated rank counts to predict (2,4,...,4096)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help="comma-separated subset of " + ",".join(ALGORITHMS))
     p.add_argument("--bandwidth-gbps", type=float, help="link bandwidth, Gbit/s (e.g. 100, 400)")
     p.add_argument("--latency-us", type=float, help="per-message latency alpha, us (e.g. 2)")
     p.add_argument("--gamma-gbps", type=float,

@@ -326,6 +326,7 @@ def _check_out(out: str, where: str) -> None:
         raise ConfigError(f"{label}: {exc}", hint=f"placeholders: {allowed}; write a brace "
                                                   f"itself as {{{{ or }}}}") from None
     for _, name, spec, conversion in fields:
+        name = name or ""
         if name not in OUT_PLACEHOLDERS or spec or conversion:
             text = "{" + name + (f"!{conversion}" if conversion else "") + \
                 (f":{spec}" if spec else "") + "}"

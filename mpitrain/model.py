@@ -22,7 +22,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -248,7 +248,7 @@ class MLP:
         return int((out.argmax(axis=1) == target.argmax(axis=1)).sum())
 
 
-def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
+def plan_buckets(nbytes: Sequence[float], bucket_bytes: int) -> list[tuple[int, int]]:
     """Group layers into fused allreduces: ``(lo, hi)`` layer ranges, last layer first.
 
     ``nbytes[i]`` is layer i's gradient size.  Walking from the last layer to the first, a
@@ -257,7 +257,8 @@ def plan_buckets(nbytes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
     their neighbours instead of each paying a collective's latency, and a big layer closes
     its bucket at once.  Each bucket is one slice of the gradient arena (:meth:`MLP.grad_span`).
     """
-    buckets, hi, held = [], len(nbytes) - 1, 0
+    buckets: list[tuple[int, int]] = []
+    hi, held = len(nbytes) - 1, 0.0
     for layer in range(len(nbytes) - 1, -1, -1):
         held += nbytes[layer]
         if held >= bucket_bytes or layer == 0:

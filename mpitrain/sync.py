@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from .backend import on_gpu, pinned_like, to_host
 from .comm.allreduce import make_allreducer
@@ -203,19 +203,28 @@ class GradientSync:
         self.transport.close()
         return dict(self.transport.stats)
 
+    def close_ledger(self) -> None:
+        """Write out and close the collective ledger (local; on every way out of a run)."""
+        ledger = self.allreducer.ledger
+        if ledger is not None:
+            ledger.close()
+
 
 def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
-          events: Callable[[dict], None]) -> GradientSync:
+          events: Callable[[dict], None], crashed: Collection[int] = ()) -> GradientSync:
     """The synchronizer a job asks for: buckets, algorithm, transport, fault plan, ledger,
     checks, for the gradients of ``model``.
 
     Collective (the ledger measures clock offsets).  ``events`` receives each injected
-    fault and loss as a dict.  Native MPI allreduce gets no transport unless a fault plan
-    has rank-level faults (crash, slow), which act at the start of a collective.
+    fault and loss as a dict; ``crashed``: the crash rules that already killed this rank
+    earlier in the run (a resumed run), which do not fire again.  Native MPI allreduce gets
+    no transport unless a fault plan has rank-level faults (crash, slow), which act at the
+    start of a collective.
     """
     f = cfg.faults
     rules = f.rules
-    injector = FaultInjector(FaultPlan(rules, f.seed), ctx.rank, events) if rules else None
+    injector = FaultInjector(FaultPlan(rules, f.seed), ctx.rank, events, crashed) \
+        if rules else None
     ledger = Ledger(out, ctx.rank, ctx.size, ctx.comm) if cfg.sync.ledger else None
     transport = None
     traffic = Traffic(ctx.rank, ctx.size, modelled=cfg.sync.algorithm == "native")

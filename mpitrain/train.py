@@ -30,7 +30,7 @@ from .comm.checks import ranks_text
 from .config import JobConfig
 from .context import RankContext, StopSignal
 from .errors import DataError, DivergenceError, NumericsError, Preempted, ReductionError
-from .metrics import EventLog, Metrics, report_fault_outcome, report_transport
+from .metrics import EventLog, Metrics, read_jsonl, report_fault_outcome, report_transport
 from .model import MLP
 from .model import build as build_model
 from .optim import Optimizer, learning_rate
@@ -109,27 +109,42 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
             metrics.event("resume", s.start_step, changed={k: list(v) for k, v in changed.items()})
             for key, (old, new) in changed.items():
                 metrics.note(f"mpitrain: resumed with {key} changed: {old!r} -> {new!r}")
-    fault_log = EventLog(s.out / f"faults-rank{ctx.rank}.jsonl", append=s.start_step > 0)
+    log_path = s.out / f"faults-rank{ctx.rank}.jsonl"
+    # A resumed run continues the same run: a rank that a "crash" rule killed before is
+    # not killed again by it (a restart would otherwise meet the same crash forever).
+    crashed = {e["rule"] for e in read_jsonl(log_path) if e.get("kind") == "crash"} \
+        if s.start_step and log_path.exists() else set()
+    fault_log = EventLog(log_path, append=s.start_step > 0)
     stop = StopSignal()
+    sync = None
     try:
         verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
-        sync = build_sync(ctx, cfg, s.out, s.model, fault_log)
+        sync = build_sync(ctx, cfg, s.out, s.model, fault_log, crashed)
         # NaN/Inf are the harness's to find and name (see _loss_not_finite, sync.verify):
         # NumPy's own overflow warnings would only add noise, once per rank.
         with np.errstate(all="ignore"):
             summary = _loop(ctx, cfg, s, sync, metrics, stop)
-        report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
-        report_fault_outcome(ctx.comm, sync.transport, metrics, s.total_steps,
-                             cfg.faults.delivery, {step for step, _ in s.warnings})
-        merged = traffic.gather(ctx.comm, sync.traffic, cfg.sync.algorithm)
-        if merged is not None:
-            checkpoint.write_text(s.out / "traffic.json", "{\n" + ",\n".join(
-                f" {json.dumps(k)}: {json.dumps(v)}" for k, v in merged.items()) + "\n}\n")
+        _report(ctx, cfg, s, sync, metrics)
     finally:
+        if sync is not None:
+            sync.close_ledger()
         stop.restore()
         metrics.close()
         fault_log.close()
     return summary
+
+
+def _report(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
+            metrics: Metrics) -> None:
+    """Collective, at the end: what the transport and the injected faults cost and did, and
+    the run's traffic per link (traffic.json, rank 0)."""
+    report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
+    report_fault_outcome(ctx.comm, sync.transport, metrics, s.total_steps,
+                         cfg.faults.delivery, {step for step, _ in s.warnings})
+    merged = traffic.gather(ctx.comm, sync.traffic, cfg.sync.algorithm)
+    if merged is not None:
+        checkpoint.write_text(s.out / "traffic.json", "{\n" + ",\n".join(
+            f" {json.dumps(k)}: {json.dumps(v)}" for k, v in merged.items()) + "\n}\n")
 
 
 def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Setup:

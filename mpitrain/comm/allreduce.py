@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -92,8 +93,8 @@ class Handle:
 
     def __init__(self, buf: np.ndarray, step: int, layer: int):
         self.buf, self.step, self.layer = buf, step, layer
-        self.request = None
-        self.record = None
+        self.request: Any = None
+        self.record: dict | None = None
         self.done = False
 
 
@@ -139,6 +140,7 @@ class Allreducer:
         h = self._enter(buf, step, layer)
         if buf.size and self.size > 1:
             self._run(buf, step, layer)
+        assert self.transport is not None  # own algorithms always have one (make_allreducer)
         self.transport.drain()
         self._leave(h)
         return h

@@ -4,7 +4,7 @@ The :class:`~mpitrain.comm.faults.FaultInjector` decides *whether* a message or 
 collective is hit; :class:`FaultMechanics` carries the fault out, as a strategy object in
 the transport's message path (the way Horovod keeps its compressor there).  The default,
 :class:`NoFaults`, does nothing: with ``injector=None`` the transport's send path costs
-one test of :attr:`NoFaults.armed` more than a bare send.
+one test more than a bare send (the transport keeps no mechanics to call).
 
 Every message fault is told to the receiver first (a notice on
 :data:`~mpitrain.comm.tags.TAG_NOTICE`), so an error it causes can name it.  Then:
@@ -45,10 +45,8 @@ CRASH_FLUSH_S = 0.2  # a crashing rank waits this long at most for its last send
 
 
 class NoFaults:
-    """No injector: no fault, nothing held.  ``armed`` False tells the transport to skip
-    :meth:`decide` and :meth:`after_transmit` on every message."""
-
-    armed = False
+    """No injector: no fault, nothing held (the transport then skips the per-message
+    hooks of :class:`FaultMechanics` altogether)."""
     effects: list[dict] = []  # the message faults carried out (see FaultMechanics)
 
     def pending(self) -> bool:
@@ -65,7 +63,6 @@ class NoFaults:
 class FaultMechanics(NoFaults):
     """Carries out the faults ``injector`` decides, on the messages of ``transport``."""
 
-    armed = True
 
     def __init__(self, injector: FaultInjector, transport: Transport):
         self.injector = injector
@@ -85,7 +82,7 @@ class FaultMechanics(NoFaults):
         t.outbox.post_control(dst, TAG_NOTICE, {"mid": tuple(mid), "fault": hit.event})
         t.agreement.note_own(mid, hit.event)
         t.traffic.faulted(dst, kind)
-        effect = {"kind": kind, "mid": tuple(mid), "rule": hit.index}
+        effect = {"kind": kind, "mid": tuple(mid), "rule": hit.rule_index}
         self.effects.append(effect)
         t.delivery.on_send(dst, seq, pkt, on_wire=kind not in ("delay", "reorder"))
         if kind == "drop":

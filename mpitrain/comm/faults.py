@@ -52,7 +52,7 @@ class FaultPlan:
 class Hit(NamedTuple):
     """A fault decided for one message: the rule and two hash-derived numbers."""
 
-    index: int
+    rule_index: int
     rule: FaultRule
     u: float          # uniform in [0, 1): the draw that decided the hit
     pick: int         # 64-bit value used to choose e.g. the bit to flip
@@ -87,15 +87,19 @@ class FaultInjector:
     ``events`` is a callable receiving each event dict, or a list to append to.
     The transport calls :meth:`message_fault` for every message this rank sends
     (first transmission only) and :meth:`collective_faults` at the start of
-    every collective.
+    every collective.  ``crashed``: indices of "crash" rules that already killed this
+    rank earlier in the same run (before a resume): a rank dies of a rule once.
     """
 
     def __init__(self, plan: FaultPlan, rank: int,
-                 events: Callable[[dict], None] | list | None = None):
+                 events: Callable[[dict], None] | list | None = None,
+                 crashed: Iterable[int] = ()):
         self.plan = plan
         self.rank = rank
         self.emit = events.append if isinstance(events, list) else events
         self._hits = [0] * len(plan.rules)
+        for i in crashed:  # crash rules that killed this rank earlier in the run
+            self._hits[i] = 1
         # Pre-split the rules so an empty plan (or one with only collective
         # faults) costs one truthiness test per message.
         self._message_rules = [(i, r) for i, r in enumerate(plan.rules) if r.kind in MESSAGE_KINDS]

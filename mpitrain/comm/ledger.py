@@ -17,16 +17,20 @@ per line:
   has ``t_leave: null`` and ``"open": true``.
 * ``{"type": "error", "message", "t"}`` when a SyncError was raised.
 
-Records are buffered in memory and written when layer 0 (the last collective
-of a step: layers sync last first) completes, when a new step begins, on
-:meth:`Ledger.flush` (the transport calls it with the error before raising; a
-"crash" fault calls it before exiting) and at interpreter exit, so the
-per-collective cost is a dict and a list append, and a rank that dies
-abruptly loses at most its current step.
+Records are buffered in memory and written in the order of the collectives' identity
+(``seq``, the same on every rank), not in the order they completed (an MPI may complete
+layer 0 before layer 1): when a step's last collective completes with none still open,
+when a new step begins, on :meth:`Ledger.flush` (the transport calls it with the error
+before raising; a "crash" fault calls it before exiting) and on :meth:`Ledger.close`
+(the synchronizer's close, on every way out of a run).  So the per-collective cost is a
+dict and a list append, and a rank that dies abruptly loses at most its current step.
+
+Bounded like a flight recorder: past :data:`MAX_BYTES`, the file is rotated to
+``ledger-rank{r}.jsonl.1`` (one older generation kept) and a new one begins with its own
+header, so a rank's ledger never holds more than twice that, however long the run.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import time
@@ -35,6 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from mpitrain.comm.tags import TAG_CLOCK_PING, TAG_CLOCK_PONG
+
+
+MAX_BYTES = 32 << 20  # one generation of a rank's ledger
 
 
 def ledger_path(run_dir: str | os.PathLike, rank: int) -> Path:
@@ -67,23 +74,29 @@ def measure_clock_offset(comm, rounds: int = 5) -> float:
 class Ledger:
     """Appends collective records for one rank.  Create it collectively if ``comm`` is given."""
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int, size: int, comm=None):
-        self.rank, self.size = rank, size
+    def __init__(self, run_dir: str | os.PathLike, rank: int, size: int, comm=None,
+                 max_bytes: int = MAX_BYTES):
+        self.rank, self.size, self.max_bytes = rank, size, max_bytes
         self.offset = measure_clock_offset(comm) if comm is not None and size > 1 else 0.0
         self.path = ledger_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "w", encoding="utf-8")
         self._buf: list[dict] = []
         self._open: dict[int, dict] = {}
         self._seq = 0
-        self._step = None
-        self._write({"type": "header", "rank": rank, "size": size,
+        self._step: int | None = None
+        self._start_file()
+
+    def _start_file(self) -> None:
+        self._fh = open(self.path, "w", encoding="utf-8")
+        self._bytes = 0
+        self._write({"type": "header", "rank": self.rank, "size": self.size,
                      "clock_offset_s": self.offset, "t_open": time.time() + self.offset})
         self._fh.flush()
-        atexit.register(self.close)
 
     def _write(self, rec: dict) -> None:
-        self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        line = json.dumps(rec, separators=(",", ":")) + "\n"
+        self._fh.write(line)
+        self._bytes += len(line)
 
     def enter(self, step: int, layer: int, algorithm: str, nbytes: int) -> dict:
         """Record the arrival of this rank at a collective; returns the open record."""
@@ -105,14 +118,14 @@ class Ledger:
         rec["waited_on"] = waited_on
         self._open.pop(rec["seq"], None)
         self._buf.append(rec)
-        if rec["layer"] == 0:  # layers sync last first: layer 0 ends the step
+        if rec["layer"] == 0 and not self._open:  # layers sync last first: layer 0 ends a step
             self.flush()
 
     def flush(self, error: str | None = None) -> None:
         """Write buffered records; with ``error``, also the open ones and an error record."""
         if self._fh.closed:
             return
-        for rec in self._buf:
+        for rec in sorted(self._buf, key=lambda r: r["seq"]):
             self._write(rec)
         self._buf.clear()
         if error is not None:
@@ -121,6 +134,10 @@ class Ledger:
             self._open.clear()
             self._write({"type": "error", "message": error, "t": time.time() + self.offset})
         self._fh.flush()
+        if self._bytes > self.max_bytes and error is None:
+            self._fh.close()
+            self.path.replace(self.path.with_name(self.path.name + ".1"))
+            self._start_file()
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 import numpy as np
 
 from mpitrain.schema import OWN_ALGORITHMS, PHASES
 
 try:  # CRC-32C in hardware (SSE4.2 / ARMv8 CRC): ~23 GB/s here, against ~1.3-4 GB/s for zlib.crc32
-    from crc32c import crc32c as checksum
+    from crc32c import crc32c as _crc32c
+    checksum: Callable[..., int] = _crc32c
     CRC32C = True
 except ImportError:  # pragma: no cover - crc32c is a dependency; keep working without it
     checksum = zlib.crc32

@@ -18,11 +18,10 @@ import os
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from .. import checkpoint
+from .. import checkpoint, config
 from ..context import RankContext, World
 from ..errors import ConfigError
 from ..schema import ALGORITHMS
@@ -76,7 +75,8 @@ def sweep_sizes(min_bytes: int, max_bytes: int, factor: int, itemsize: int) -> l
         raise ConfigError("--step-factor must be >= 2")
     if min_bytes < 1 or max_bytes < min_bytes:
         raise ConfigError(f"need 1 <= --min-bytes <= --max-bytes, got {min_bytes}, {max_bytes}")
-    counts, b = [], min_bytes
+    counts: list[int] = []
+    b = min_bytes
     while b <= max_bytes:
         c = max(1, b // itemsize)
         if not counts or c != counts[-1]:
@@ -163,7 +163,7 @@ def _sweep_work(algos: list[str], checksum: str, counts: list[int], dtype: np.dt
 
 def _connect(world: World, env: dict[str, str], blas_threads: int = 1) -> RankContext:
     """Collective: a RankContext with the harness's own (duplicated) communicator."""
-    cfg = SimpleNamespace(run=SimpleNamespace(blas_threads=blas_threads, device="cpu", seed=0))
+    cfg = config.load(None, [f"run.blas_threads={blas_threads}"], {})
     ctx = RankContext.create(world, cfg, env)
     ctx.connect(world)
     return ctx

@@ -15,7 +15,7 @@ time to stragglers.
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +23,12 @@ from ..comm.checks import ranks_text
 
 
 def _load(path: Path) -> tuple[dict, list[dict], list[dict]]:
+    """A rank's ledger: its older generation (``.1``, see comm/ledger.py) and the current."""
     header, colls, errors = {}, [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    older = path.with_name(path.name + ".1")
+    text = (older.read_text(encoding="utf-8") if older.exists() else "") + \
+        path.read_text(encoding="utf-8")
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -98,10 +102,10 @@ class _Arrivals:
     """Who arrived when at the collectives that every rank entered and left."""
 
     n: int = 0                                                 # collectives counted
-    last_count: Counter = field(default_factory=Counter)      # rank -> times it came last
-    late_s: Counter = field(default_factory=Counter)          # rank -> seconds it came late
+    last_count: Counter[int] = field(default_factory=Counter)  # rank -> times it came last
+    late_s: dict[int, float] = field(default_factory=lambda: defaultdict(float))  # seconds late
     waits: dict = field(default_factory=dict)  # (step, rank) -> [(from, until)] waiting for the last
-    blame: Counter = field(default_factory=Counter)  # peer -> seconds ranks were blocked on it
+    blame: dict[int, float] = field(default_factory=lambda: defaultdict(float))  # peer -> seconds ranks were blocked on it
     steps: dict = field(default_factory=dict)  # step -> [first arrival, last departure]
 
     def add(self, recs: dict[int, dict]) -> None:
@@ -113,8 +117,8 @@ class _Arrivals:
                 # waits cascade (in a ring everyone waits on its left neighbour): blame a
                 # peer only for the part of the wait it did not spend waiting itself
                 self.blame[peer] += max(0.0, (x.get("wait_s") or 0.0) - (recs[peer].get("wait_s") or 0.0))
-        arrivals = {r: x["t_enter"] for r, x in recs.items()}
-        slow = max(arrivals, key=arrivals.get)
+        arrivals: dict[int, float] = {r: x["t_enter"] for r, x in recs.items()}
+        slow = max(arrivals, key=lambda r: arrivals[r])
         t_last = arrivals[slow]
         self.last_count[slow] += 1
         self.late_s[slow] += t_last - min(arrivals.values())
@@ -140,7 +144,7 @@ def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
         return []
     # Waits for overlapping collectives (non-blocking native allreduces) overlap in time:
     # count each rank's waiting time once, as the union of its intervals, per step.
-    per_rank: Counter = Counter()
+    per_rank: dict[int, float] = defaultdict(float)
     for (step, r), intervals in seen.waits.items():
         per_rank[r] += _union_length(intervals)
     wait_total = sum(per_rank.values()) / max(len(per_rank), 1)
@@ -160,7 +164,7 @@ def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
     else:
         lines.insert(0, f"no clear straggler (ranks waited {100 * frac:.0f}% of the step time).")
     if seen.blame:
-        peer, secs = seen.blame.most_common(1)[0]
+        peer, secs = max(seen.blame.items(), key=lambda kv: kv[1])
         share = secs / sum(seen.blame.values()) if sum(seen.blame.values()) else 0.0
         # the same noise guard: a real culprit holds others up for a fifth of the steps
         if share > 0.5 and step_time > 0 and secs / step_time > 0.2:
@@ -188,6 +192,9 @@ def diagnose(run_dir: str | Path) -> tuple[str, int]:
         errors += [(r, e) for e in errs]
     if not by_rank:
         return f"no readable ledger in {run_dir}", 2
+    # rotated ledgers keep the newest collectives: compare only what every rank still has
+    start = max((min(c) for c in by_rank.values() if c), default=0)
+    by_rank = {r: {s: c for s, c in colls.items() if s >= start} for r, colls in by_rank.items()}
     lines = [f"{len(by_rank)} of {size} ranks wrote a ledger; "
              f"{max(len(c) for c in by_rank.values())} collectives at most."]
     code = 0

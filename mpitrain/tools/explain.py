@@ -51,7 +51,8 @@ def main(json_output: bool = False, scenario: bool | str = False) -> int:
     jobs/chapter/two_gpus.toml) or another job: a file or a built-in job's name.
     """
     if scenario:
-        result = two_gpu_step(DEFAULT_JOB if scenario is True else Path(jobs.resolve(scenario)))
+        job = DEFAULT_JOB if scenario is True else Path(str(jobs.resolve(str(scenario))))
+        result = two_gpu_step(job)
         print(json.dumps(result, indent=1) if json_output else format_scenario(result))
         return 0
     result = worked_example()

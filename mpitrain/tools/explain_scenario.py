@@ -38,7 +38,10 @@ def two_gpu_step(job: str | Path = DEFAULT_JOB) -> dict:
     samplers = [data.ShardSampler(train_idx, cfg.data.batch_size, rank, size, cfg.run.seed,
                                   cfg.data.shuffle, cfg.data.tail) for rank in range(size)]
     replicas = [_replica(cfg, dataset) for _ in range(size)]
-    sends, order, losses, shards = [], None, [], []
+    sends: list[dict] = []
+    order: list[int] = []
+    losses: list[float] = []
+    shards: list[np.ndarray] = []
     for sampler, model in zip(samplers, replicas):
         idx, n_global = sampler.shard(0, 0)
         if len(idx) == 0:

@@ -81,6 +81,7 @@ def model_shape(args) -> tuple[list[int], int, str, int]:
         if len(widths) < 2 or min(widths) < 1:
             raise ConfigError(f"--layers {args.layers}: need an input width and at least one layer")
     else:
+        assert cfg is not None  # loaded above whenever --layers is missing
         if cfg.data.source == "digits":
             features = 64
         elif cfg.data.source == "synthetic":
@@ -89,8 +90,8 @@ def model_shape(args) -> tuple[list[int], int, str, int]:
             from .. import data
             features = data.load(cfg.data, cfg.run.seed).features
         widths = [features, *cfg.model.layers]
-    batch = args.batch or cfg.data.batch_size
-    dtype = args.dtype or cfg.model.dtype
+    batch = args.batch or (cfg.data.batch_size if cfg else 0)
+    dtype = args.dtype or (cfg.model.dtype if cfg else "float32")
     bucket_bytes = (args.bucket_bytes if args.bucket_bytes is not None
                     else cfg.sync.bucket_bytes if cfg is not None else 0)
     return widths, batch, dtype, bucket_bytes

@@ -69,7 +69,7 @@ def calibrate(rows: list[dict], algos=ALGORITHMS) -> dict[str, Params]:
 
 def check(rows: list[dict], params: dict[str, Params]) -> list[dict]:
     """Per (algorithm, ranks): median and max relative prediction error over the sizes."""
-    out = {}
+    out: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     for r in rows:
         a = r["algorithm"]
         if a not in params or r["ranks"] < 2:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..errors import ConfigError
 from ..model import plan_buckets
@@ -95,8 +96,8 @@ def traffic_per_rank(algo: str, p: int, n: float, net: Network | None = None) ->
 
 @dataclass
 class StepModel:
-    layer_bytes: list[float]   # gradient bytes per layer, input side first
-    layer_flops: list[float]   # forward flops per layer
+    layer_bytes: Sequence[float]  # gradient bytes per layer, input side first
+    layer_flops: Sequence[float]  # forward flops per layer
     gflops: float              # compute rate
     overlap: bool = True
     straggler_s: float = 0.0

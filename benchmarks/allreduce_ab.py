@@ -2,7 +2,7 @@
 (optionally) the same algorithms from an older checkout of mpitrain/comm.
 
     mpiexec -n 2 python benchmarks/allreduce_ab.py [--old /tmp/oldtree] [--algorithms ring]
-        [--deliveries strict,lossy] [--checksums crc32c,none] [-b 4 -e 64M -f 4]
+        [--deliveries strict,lossy] [--checksums xxh3,crc32c,none] [-b 4 -e 64M -f 4]
         [--iters 20] [--warmup 5]
 
 For each size, every variant runs one iteration in turn (native, ring/strict, old ring/strict,
@@ -54,8 +54,8 @@ def main() -> int:
     ap.add_argument("--old")
     ap.add_argument("--algorithms", default="ring")
     ap.add_argument("--deliveries", default="strict")
-    ap.add_argument("--checksums", default="crc32c",
-                    help="crc32c and/or none ([faults] checksum; current tree only)")
+    ap.add_argument("--checksums", default="xxh3",
+                    help="xxh3, crc32c and/or none ([faults] checksum; current tree only)")
     ap.add_argument("-b", "--minbytes", default="4")
     ap.add_argument("-e", "--maxbytes", default="64M")
     ap.add_argument("-f", "--stepfactor", type=int, default=4)
@@ -73,12 +73,12 @@ def main() -> int:
     for algo in args.algorithms.split(","):
         for delivery in args.deliveries.split(","):
             for tag, (tr, ar) in mods.items():
-                for csum in args.checksums.split(",") if not tag else ["crc32c"]:
+                for csum in args.checksums.split(",") if not tag else ["old"]:
                     if csum == "none" and delivery == "reliable":
                         continue  # reliable delivery needs checksums (it resends corruption)
-                    extra = {"checksum": False} if csum == "none" else {}
+                    extra = {} if csum == "old" else {"checksum": csum}
                     t = tr.Transport(comm, delivery=delivery, deadline_s=60.0, **extra)
-                    name = f"{tag}{algo}/{delivery}" + ("/nosum" if csum == "none" else "")
+                    name = f"{tag}{algo}/{delivery}" + ("" if csum == "old" else f"/{csum}")
                     variants[name] = ar.make_allreducer(algo, comm, t)
     counts = sweep_sizes(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor, dtype.itemsize)
     rows = []

@@ -101,7 +101,7 @@ class FaultsConfig:
     deadline_ms: float = key(10000.0, lo=0.0, lo_open=True)
     seed: int = key(0, lo=0)
     on_divergence: str = key("error", choices=("error", "warn"), doc="lossy mode")
-    checksum: str = key("crc32c", choices=("crc32c", "none"),
+    checksum: str = key("xxh3", choices=("xxh3", "crc32c", "none"),
                         doc="end-to-end checksum of every message in strict and reliable "
                             "delivery (lossy never checksums); none trusts MPI's own delivery")
     rules: list[FaultRule] = key([])
@@ -304,9 +304,9 @@ def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> Non
                           f"source = \"file\" (source is \"{cfg.data.source}\")")
     if cfg.faults.checksum == "none" and cfg.faults.delivery == "reliable":
         src = origin.get(("faults", "checksum")) or origin.get(("faults", "delivery"), default_where)
-        raise ConfigError(f"{src}: [faults] delivery = \"reliable\" needs checksum = "
-                          f"\"crc32c\": it detects corrupted messages by their checksum to "
-                          f"resend them")
+        raise ConfigError(f"{src}: [faults] delivery = \"reliable\" needs a checksum "
+                          f"(checksum = \"xxh3\" or \"crc32c\"): it detects corrupted messages "
+                          f"by their checksum to resend them")
     _check_out(cfg.run.out, where("run", "out"))
 
 

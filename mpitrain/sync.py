@@ -231,7 +231,7 @@ def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
     if cfg.sync.algorithm != "native" or injector is not None:
         transport = Transport(ctx.comm, delivery=f.delivery, deadline_s=f.deadline_ms / 1e3,
                               injector=injector, ledger=ledger, events=events,
-                              checksum=f.checksum != "none", oversubscribed=ctx.oversubscribed,
+                              checksum=f.checksum, oversubscribed=ctx.oversubscribed,
                               traffic=traffic)
     allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, transport, ledger=ledger,
                                  deadline_s=f.deadline_ms / 1e3,

@@ -24,7 +24,7 @@ CASES = [
     ("[faults]\nrules = [{kind = \"explode\"}]\n", [], ["[faults.rules[0]] kind = \"explode\"", "'drop', 'delay'"]),
     ("this is = not toml [", [], ["not valid TOML"]),
     ("[faults]\ndelivery = \"reliable\"\nchecksum = \"none\"\n", [],
-     ["[faults] delivery = \"reliable\" needs checksum = \"crc32c\""]),
+     ["[faults] delivery = \"reliable\" needs a checksum (checksum = \"xxh3\" or \"crc32c\")"]),
     # digits: layer 1 (650 float32 = 2600 B) is fused with layer 0 at bucket_bytes = 4096
     ("[sync]\nalgorithm = \"ring\"\nbucket_bytes = 4096\n[faults]\n"
      "rules = [{kind = \"drop\", layer = 1}]\n", [],

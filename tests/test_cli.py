@@ -119,7 +119,7 @@ BAD_INPUT = [
     (["--fault", "kind=explode"], {}),
     (["--fault", "kind"], {}),
     (["nope/missing.toml"], {}),
-    ([], {"MPITRAIN_DATA_BATCHSIZE": "3"}),
+    ([], {"MPITRAIN_DATA_BATCHSIZE": "3"}),  # refused-on-purpose
 ]
 
 

@@ -119,5 +119,6 @@ def test_scripts_set_no_mpitrain_variable_that_is_not_a_job_setting():
                *REPO.glob("tests/**/*.py"), *REPO.glob("tests/**/*.sh"), *REPO.glob("*.md"),
                *REPO.glob("docs/*.md"), REPO / "Makefile"]
     names = {(path.relative_to(REPO).as_posix(), name) for path in scripts if path.is_file()
-             for name in re.findall(r"\bMPITRAIN_[A-Z0-9_]*[A-Z0-9]", path.read_text())}
+             for line in path.read_text().splitlines() if "refused-on-purpose" not in line
+             for name in re.findall(r"\bMPITRAIN_[A-Z0-9_]*[A-Z0-9]", line)}
     assert {(path, name) for path, name in names if name not in settings} == set()

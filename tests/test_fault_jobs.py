@@ -192,7 +192,7 @@ def test_without_checksums_a_bit_flip_is_named_as_an_altered_message_not_a_loss(
             and "a message to them was altered in flight and no checksum caught it. Injected "
                 "faults: step 3, layer 0, tree broadcast, chunk 0, message 0->1: corrupt "
                 "(bitflip) (rule 0)." in msg), msg
-    assert "lost" not in msg and 'checksum = "crc32c", strict delivery names' in res.stderr
+    assert "lost" not in msg and 'with a checksum ("xxh3", "crc32c"), strict delivery names' in res.stderr
 
 
 @pytest.mark.parametrize("nprocs", RANKS)

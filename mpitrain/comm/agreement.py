@@ -5,8 +5,10 @@ sends a report on :data:`~mpitrain.comm.tags.TAG_ERROR` to every other rank.  A 
 blocked in the transport when a report arrives adds its own report (what it waits on, for
 how long: :attr:`Agreement.waiting`).  Every rank then collects reports for ``grace_s``
 and raises the best one, by the same rule everywhere (:func:`agreed`): an injected fault
-the sender told about (the sender posts a notice on :data:`~mpitrain.comm.tags.TAG_NOTICE`
-for every fault it injects) beats a plain timeout; then a wait on a rank that sent no
+the sender told about on the very message waited for (the sender posts a notice on
+:data:`~mpitrain.comm.tags.TAG_NOTICE` for every fault it injects), or the crash of the
+rank waited on, beats a fault only inferred between the two ranks (a wait in a later
+collective), which beats a plain timeout; then a wait on a rank that sent no
 report itself (dead, or the culprit) beats a wait on a rank that is itself stuck; then the
 longest wait; then the lowest reporter.  So every rank raises the same SyncError with
 ``reporter`` = the detecting rank, within ``deadline_s + grace_s`` of the fault.  A rank
@@ -112,30 +114,31 @@ class Agreement:
         or (``mid`` None) for ``peer`` to take delivery of or acknowledge its messages."""
         self.waiting = None
         what = self._wait_text(mid, peer, waited)
-        fault = self._injected(mid, peer)
+        exact, fault = self._injected(mid, peer)
         step = mid.step if mid is not None else None
         layer = mid.layer if mid is not None and mid.algorithm != "fence" else None
-        if fault:
-            self.fail(2, f"{what}. Injected fault: {fault}.", FAULT_HINT,
+        if fault:  # a fault on the very message (or the peer's crash) beats one inferred
+            self.fail(3 if exact else 2, f"{what}. Injected fault: {fault}.", FAULT_HINT,
                       waited_on=peer, waited=waited, step=step, layer=layer)
         self.fail(1, f"{what}.", f"rank {peer} may have died (crashed or killed) or be stuck; "
                   "look at its output and run `mpitrain diagnose` on the run folder",
                   waited_on=peer, waited=waited, step=step, layer=layer)
 
-    def _injected(self, mid: MessageId | None, peer: int) -> str | None:
-        """The injected fault that explains a wait on ``peer`` (for message ``mid``), if one
-        is known: a fault on that very message, the peer's crash, else the newest fault on
-        a message between the two ranks, with where it struck."""
+    def _injected(self, mid: MessageId | None, peer: int) -> tuple[bool, str | None]:
+        """(exact, the injected fault that explains a wait on ``peer`` for message ``mid``),
+        if one is known: exactly, a fault on that very message or the peer's crash; else,
+        inferred, the newest fault on a message between the two ranks, with where it
+        struck.  (False, None) when none is known."""
         self._drain_notices()
         if mid is not None and tuple(mid) in self._notices:
-            return describe(self._notices[tuple(mid)])
+            return True, describe(self._notices[tuple(mid)])
         if peer in self._crash_notices:
-            return describe(self._crash_notices[peer])
+            return True, describe(self._crash_notices[peer])
         heard = [n for n in (self._last_from.get(peer), self._last_to.get(peer)) if n]
         if not heard:
-            return None
+            return False, None
         where, note = max(heard, key=lambda n: n[1].get("t", 0.0))
-        return f"{describe(note)} on {MessageId(*where).where()}"
+        return False, f"{describe(note)} on {MessageId(*where).where()}"
 
     def _wait_text(self, mid: MessageId | None, peer: int, waited: float) -> str:
         deadline = f"deadline {self.deadline_s:g} s"
@@ -163,7 +166,7 @@ class Agreement:
                f"checksum mismatch.")
         if note:
             msg += f" Injected fault: {describe(note)}."
-        self.fail(2, msg, "use delivery = \"reliable\" to retransmit corrupted messages",
+        self.fail(3 if note else 2, msg, "use delivery = \"reliable\" to retransmit corrupted messages",
                   step=mid.step, layer=mid.layer)
 
     def fail_mismatch(self, problem: str, mid: MessageId, hdr: tuple) -> NoReturn:

@@ -226,7 +226,7 @@ def _altered(step: int, layer: int, ranks: list[int], p: int, got: float, want: 
     where: dict = dict(reporter=0, step=step, layer=layer, ranks=ranks)
     told_txt = (" Injected faults: " + "; ".join(told) + ".") if told else ""
     hint = ("the messages carry no checksum (lossy delivery, or [faults] checksum = \"none\"); "
-            "with checksum = \"crc32c\", strict delivery names the corrupted message and "
+            "with a checksum (\"xxh3\", \"crc32c\"), strict delivery names the corrupted message and "
             "reliable delivery resends it")
     if len(ranks) == p:
         return ReductionError(

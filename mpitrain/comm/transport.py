@@ -39,7 +39,7 @@ from mpitrain.comm.tags import TAG_DATA
 from mpitrain.comm.traffic import Traffic
 from mpitrain.comm.waiting import CHECK_MASK, Waiter, spin_budget
 from mpitrain.comm.wire import (F_DROPPED, F_SPLIT, H_CRC, H_FLAGS, H_NBYTES, H_SEQ, HDR_BYTES,
-                                HEADER, INLINE_MAX, MessageId, Packet, checksum, checksum_flag,
+                                HEADER, INLINE_MAX, MessageId, Packet, checksum_kind,
                                 header_problem, pack_header)
 
 _ABSENT = object()  # _accept's answer for a lossy tombstone
@@ -64,13 +64,14 @@ class Transport:
     injector; the transport adds ``{"event": "lost", ...}`` in lossy mode).  ``ledger``: a
     :class:`~mpitrain.comm.ledger.Ledger` flushed when a SyncError is raised.  ``rto_s``:
     reliable delivery's retransmission timeout; ``grace_s``: how long ranks collect error
-    reports.  ``checksum=False`` trusts MPI's delivery (not with reliable delivery).
+    reports.  ``checksum``: the payload checksum's name ("xxh3", "crc32c"; True: the
+    default), or False / "none" to trust MPI's delivery (not with reliable delivery).
     """
 
     def __init__(self, comm, *, delivery: str = "strict", deadline_s: float = 10.0,
                  injector=None, ledger=None, events: Callable[[dict], None] | list | None = None,
                  rto_s: float | None = None, grace_s: float | None = None,
-                 checksum: bool = True, oversubscribed: bool = False,
+                 checksum: bool | str = True, oversubscribed: bool = False,
                  traffic: Traffic | None = None):
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -84,7 +85,9 @@ class Transport:
         self.traffic = traffic if traffic is not None else Traffic(self.rank, self.size)
         self.outbox = Outbox(comm)
         self._inflight = self.outbox.pending  # (request, buffer): appended to on every send
-        self.delivery = make_delivery(delivery, self, checksum, self.rto_s)
+        summer, self._sum_flag = checksum_kind(checksum)
+        self.delivery = make_delivery(delivery, self, summer is not None, self.rto_s)
+        self._sum: Callable[[Any], int] = summer or (lambda data: 0)
         self.use_crc = self.delivery.checksums
         self.agreement = Agreement(comm, deadline_s=self.deadline_s, grace_s=self.grace_s,
                                    retransmits=self.delivery.retransmits,
@@ -93,7 +96,6 @@ class Transport:
         # the fault path of a send: None (no injector) costs one test per message
         self._mechanics = self.faults if isinstance(self.faults, FaultMechanics) else None
         self._borrows = self.delivery.borrows
-        self._sum_flag = checksum_flag(checksum)
         self._spin = spin_budget(0, oversubscribed)
         p = self.size
         self._send_seq = [0] * p
@@ -127,7 +129,7 @@ class Transport:
         n = data.size
         if mid.layer >= 0:  # gradient payload (a fence is the transport's own)
             self.traffic.sent(dst, mid.layer, n)
-        crc = checksum(data) if self.use_crc else 0
+        crc = self._sum(data) if self.use_crc else 0
         hit = None
         mechanics = self._mechanics
         if mechanics is not None and mid.algorithm != "fence":
@@ -309,7 +311,7 @@ class Transport:
         elif dest is not None:
             dest[:] = body
             body = dest
-        if self.use_crc and checksum(body) != hdr[H_CRC]:
+        if self.use_crc and self._sum(body) != hdr[H_CRC]:
             self.stats["corrupt_detected"] += 1
             return self.delivery.on_corrupt(mid, seq)
         self.stats["received"] += 1

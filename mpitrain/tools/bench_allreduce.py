@@ -49,9 +49,10 @@ def parser() -> argparse.ArgumentParser:
                         "algorithms run fewer iterations (at least 3); 0 = no cap")
     p.add_argument("--deadline", type=float, default=60.0,
                    help="transport receive deadline in seconds (own algorithms)")
-    p.add_argument("--checksum", default="crc32c", choices=("crc32c", "none", "both"),
+    p.add_argument("--checksum", default="xxh3", choices=("xxh3", "crc32c", "none", "both"),
                    help="message checksums of the own algorithms ([faults] checksum); both: "
-                        "run each own algorithm with and without (rows 'ALG' and 'ALG:nosum')")
+                        "run each own algorithm with xxh3 and without (rows 'ALG' and "
+                        "'ALG:nosum')")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     progress.add_option(p)
     return p
@@ -182,21 +183,21 @@ def _write_json(path: Path, ranks: int, dtype: np.dtype, args, rows: list[dict])
 # --------------------------------------------------------------------------- the sweep
 def run_allreduce_sweep(comm, algos, dtype, counts, iters, warmup, deadline_s=60.0,
                         max_seconds=0.0, print_row=None,
-                        checksum: str = "crc32c", oversubscribed: bool = False) -> list[dict]:
+                        checksum: str = "xxh3", oversubscribed: bool = False) -> list[dict]:
     """Collective: time every (algorithm, count) pair on ``comm``; rows (same on every rank).
 
-    ``checksum``: "crc32c" or "none" for the own algorithms' messages, or "both" (each own
+    ``checksum``: "xxh3", "crc32c" or "none" for the own algorithms' messages, or "both" (each own
     algorithm twice; rows carry ``checksum``).  ``oversubscribed``: more ranks than cores
-    on the node (shorter spins while waiting, see ``transport.spin_budget``)."""
+    on the node (shorter spins while waiting, see ``comm.waiting.spin_budget``)."""
     from ..comm.allreduce import make_allreducer
     from ..comm.transport import Transport
-    sums = ["crc32c", "none"] if checksum == "both" else [checksum]
+    sums = ["xxh3", "none"] if checksum == "both" else [checksum]
     runs = [(a, "-" if a == "native" else c) for a in algos for c in (["-"] if a == "native" else sums)]
     rows = []
     for algo, csum in runs:
         transport = None if algo == "native" else Transport(comm, delivery="strict",
                                                             deadline_s=deadline_s,
-                                                            checksum=csum != "none",
+                                                            checksum=csum,
                                                             oversubscribed=oversubscribed)
         ar = make_allreducer(algo, comm, transport, oversubscribed=oversubscribed)
         for li, count in enumerate(counts):

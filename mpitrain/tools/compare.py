@@ -75,7 +75,7 @@ def split_figure(labels: list[str], summaries: list[dict]):
 
 def _curves(run: Run) -> dict:
     """The loss and accuracy series of a run, empty where the run has none."""
-    empty = {"step": [], "val_step": [], "epoch_step": []}
+    empty: dict[str, list] = {"step": [], "val_step": [], "epoch_step": []}
     out = {}
     for name, series in (("loss", data.loss_series(run)), ("accuracy", data.accuracy_series(run))):
         out[name] = {**empty, name: [], f"val_{name}": []} if isinstance(series, Absent) \

@@ -156,15 +156,15 @@ def collect_arrivals(by_rank: dict[int, dict[int, dict]]) -> Arrivals:
     return seen
 
 
-def waiting_per_rank(seen: Arrivals) -> Counter:
+def waiting_per_rank(seen: Arrivals) -> dict[int, float]:
     """Seconds each rank waited at collectives for the last rank to arrive.
 
     Waits for overlapping collectives (non-blocking native allreduces) overlap in time:
     each rank's waiting time counts once, as the union of its intervals, per step.
     """
-    per_rank: Counter = Counter()
+    per_rank: dict[int, float] = {}
     for (_, r), intervals in seen.waits.items():
-        per_rank[r] += union_length(intervals)
+        per_rank[r] = per_rank.get(r, 0.0) + union_length(intervals)
     return per_rank
 
 

@@ -104,7 +104,8 @@ def event_marks(run: Run) -> dict | Absent:
     if stuck is not None:
         counts.setdefault("sync error", Counter())[stuck] += 1
     if not counts:
-        return Absent("no fault injected, no message lost or retransmitted in this run")
+        return Absent("no fault, lost message or replica warning recorded in this run "
+                      "(faults-rank*.jsonl, events.jsonl)")
     return {"kinds": {name: {"step": sorted(c), "count": [c[s] for s in sorted(c)]}
                       for name, c in sorted(counts.items())}}
 

@@ -189,8 +189,11 @@ def divergence_series(run: Run) -> dict | Absent:
     if run.ledgers is not None:
         out["step"], groups, out["mismatches"] = _replica_groups(run.ledgers)
         out["groups"] = {str(layer): counts for layer, counts in groups.items()}
-    diverged = out.get("mismatches") or lost or checks
-    if not diverged and run.setting("faults", "delivery") != "lossy":
+    if out.get("mismatches") or lost or checks:
+        return out
+    if run.ledgers is None:
+        return Absent(f"{NO_LEDGER}; no message was lost and no check warned")
+    if run.setting("faults", "delivery") != "lossy":
         return Absent("no replica divergence: every collective gave the same result on every "
                       "rank (ledger checksums), and no message was lost")
     return out

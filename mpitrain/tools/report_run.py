@@ -84,7 +84,8 @@ class Run:
 
 def read_records(path: Path) -> tuple[list[dict], int]:
     """The JSON objects of a JSONL file and the number of lines that were not one."""
-    records, skipped = [], 0
+    records: list[dict] = []
+    skipped = 0
     if not path.is_file():
         return records, skipped
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():

@@ -49,8 +49,10 @@ def run_lines(s: dict, overlap: float | None, error: str | None) -> list[tuple[s
     time = f"{s['time']['total']:.2f} s on rank 0: {split_text(s)}"
     if overlap is not None:
         time += f"; overlap {100 * overlap:.0f}%"
-    lines = [("run", f"{s['job']}: {s['ranks'] or '?'} ranks, {s['algorithm'] or '?'} "
-                     f"allreduce, {s['delivery'] or '?'} delivery"),
+    ranks = "? ranks" if s["ranks"] is None else \
+        f"{s['ranks']} rank" + ("s" if s["ranks"] != 1 else "")
+    lines = [("run", f"{s['job']}: {ranks}, {s['algorithm'] or '?'} allreduce, "
+                     f"{s['delivery'] or '?'} delivery"),
              ("steps", f"{s['steps']} ({status_text(s)})"), ("final", final), ("time", time),
              ("faults", f"{faults_text(s)}; {number(s['retransmissions'])} retransmissions; "
                         f"{s['lost']} messages lost")]

@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("run_dir", help="the run's output folder")
     diagnose.set_defaults(func=cmd_diagnose)
 
+    _add_report_commands(sub)
+
+    # The rest of the line goes to the benchmark tools unparsed (they have their own --help).
+    bench = sub.add_parser("bench", help="benchmarks: `bench allreduce` (nccl-tests style sweep), "
+                           "`bench train` (steps/s, compute/communication split)",
+                           add_help=False, prefix_chars="\0")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    simulate = sub.add_parser("simulate", help="alpha-beta-gamma cost model of a training step "
+                              "at any scale", add_help=False, prefix_chars="\0")
+    simulate.add_argument("simulate_args", nargs=argparse.REMAINDER)
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def _add_report_commands(sub: argparse._SubParsersAction) -> None:
+    """``report`` and ``compare``: pictures of finished (or failed) runs."""
     report = sub.add_parser("report", help="write RUN_DIR/report.html: the run's curves, time "
                             "split, traffic and faults, in figures",
                             description="Write one self-contained page, RUN_DIR/report.html "
@@ -75,18 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="compare.html", metavar="FILE",
                          help="the page to write (default: compare.html in the current folder)")
     compare.set_defaults(func=cmd_compare)
-
-    # The rest of the line goes to the benchmark tools unparsed (they have their own --help).
-    bench = sub.add_parser("bench", help="benchmarks: `bench allreduce` (nccl-tests style sweep), "
-                           "`bench train` (steps/s, compute/communication split)",
-                           add_help=False, prefix_chars="\0")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
-    simulate = sub.add_parser("simulate", help="alpha-beta-gamma cost model of a training step "
-                              "at any scale", add_help=False, prefix_chars="\0")
-    simulate.add_argument("simulate_args", nargs=argparse.REMAINDER)
-    simulate.set_defaults(func=cmd_simulate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Command line: ``mpitrain run | config | evaluate | explain | diagnose | bench | simulate``.
+"""Command line: ``mpitrain run | config | evaluate | explain | diagnose | report | compare |
+bench | simulate``.
 
 This module only builds the parser and hands each command to its home: training to
 :mod:`mpitrain.train` inside :func:`mpitrain.session.session` (start-up, one message per
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = sub.add_parser("diagnose", help="line up the ranks' collective ledgers of a run")
     diagnose.add_argument("run_dir", help="the run's output folder")
     diagnose.set_defaults(func=cmd_diagnose)
+
+    _add_report_commands(sub)
 
     # The rest of the line goes to the benchmark tools unparsed (they have their own --help).
     bench = sub.add_parser("bench", help="benchmarks: `bench allreduce` (nccl-tests style sweep), "
@@ -138,6 +141,27 @@ class VersionAction(argparse.Action):
         from .version import report
         print(report())
         parser.exit()
+
+
+def _add_report_commands(sub: argparse._SubParsersAction) -> None:
+    """``report`` and ``compare``: pictures of finished (or failed) runs."""
+    report = sub.add_parser("report", help="write RUN_DIR/report.html: the run's curves, time "
+                            "split, traffic and faults, in figures",
+                            description="Write one self-contained page, RUN_DIR/report.html "
+                                        "(no network needed to view it), and print a summary.")
+    report.add_argument("run_dir", help="the run's output folder")
+    report.add_argument("--open", action="store_true", help="open the page in a web browser")
+    report.set_defaults(func=cmd_report)
+    compare = sub.add_parser("compare", help="overlay the curves of two or more runs, with a "
+                             "side-by-side table (compare.html)",
+                             description="Overlay the runs' curves and tabulate them side by "
+                                         "side: a self-contained page and a table on the "
+                                         "terminal.")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                         help="two or more run output folders")
+    compare.add_argument("--out", default="compare.html", metavar="FILE",
+                         help="the page to write (default: compare.html in the current folder)")
+    compare.set_defaults(func=cmd_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +244,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     report, code = diagnose(Path(args.run_dir))
     print(report)
     return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .tools.report import main as report_main
+    return report_main(args.run_dir, open_browser=args.open)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .tools.compare import main as compare_main
+    return compare_main(args.run_dirs, args.out)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

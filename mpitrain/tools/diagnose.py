@@ -43,6 +43,26 @@ def _load(path: Path) -> tuple[dict, list[dict], list[dict]]:
     return header, colls, errors
 
 
+def read_ledgers(files: list[Path]) -> tuple[dict[int, dict[int, dict]], int, list[tuple[int, dict]]]:
+    """The ledgers in ``files``: (rank -> seq -> collective record, the job's rank count,
+    (rank, error record) pairs).  Files without a header line are left out."""
+    by_rank: dict[int, dict[int, dict]] = {}
+    errors: list[tuple[int, dict]] = []
+    size = 0
+    for f in files:
+        header, colls, errs = _load(f)
+        if not header:
+            continue
+        r = int(header["rank"])
+        size = max(size, int(header["size"]))
+        by_rank[r] = {c["seq"]: c for c in colls}
+        errors += [(r, e) for e in errs]
+    # rotated ledgers keep the newest collectives: compare only what every rank still has
+    start = max((min(c) for c in by_rank.values() if c), default=0)
+    by_rank = {r: {s: c for s, c in colls.items() if s >= start} for r, colls in by_rank.items()}
+    return by_rank, size, errors
+
+
 def _name(rec: dict) -> str:
     return f"#{rec['seq']} (step {rec['step']}, layer {rec['layer']}, {rec['algorithm']}, {rec['bytes']} bytes)"
 
@@ -88,7 +108,8 @@ def first_disagreement(by_rank: dict[int, dict[int, dict]], size: int) -> str | 
     return None
 
 
-def _union_length(intervals: list[tuple[float, float]]) -> float:
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """The time covered by ``intervals`` (from, until), overlaps counted once."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
         if b > end:
@@ -98,7 +119,7 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 
 
 @dataclass
-class _Arrivals:
+class Arrivals:
     """Who arrived when at the collectives that every rank entered and left."""
 
     n: int = 0                                                 # collectives counted
@@ -131,22 +152,36 @@ class _Arrivals:
         span[1] = max(span[1], max(x["t_leave"] for x in recs.values()))
 
 
-def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
-    """Per collective, who arrived last and how long the others waited for it."""
+def collect_arrivals(by_rank: dict[int, dict[int, dict]]) -> Arrivals:
+    """The arrivals at every collective that all ranks in ``by_rank`` entered and left."""
     common = set.intersection(*(set(c) for c in by_rank.values())) if by_rank else set()
-    seen = _Arrivals()
+    seen = Arrivals()
     for seq in sorted(common):
         recs = {r: by_rank[r][seq] for r in by_rank}
         if all(x.get("t_leave") is not None for x in recs.values()):
             seen.add(recs)
+    return seen
+
+
+def waiting_per_rank(seen: Arrivals) -> dict[int, float]:
+    """Seconds each rank waited at collectives for the last rank to arrive.
+
+    Waits for overlapping collectives (non-blocking native allreduces) overlap in time:
+    each rank's waiting time counts once, as the union of its intervals, per step.
+    """
+    per_rank: dict[int, float] = {}
+    for (_, r), intervals in seen.waits.items():
+        per_rank[r] = per_rank.get(r, 0.0) + union_length(intervals)
+    return per_rank
+
+
+def stragglers(by_rank: dict[int, dict[int, dict]], size: int) -> list[str]:
+    """Per collective, who arrived last and how long the others waited for it."""
+    seen = collect_arrivals(by_rank)
     n = seen.n
     if not n or size < 2:
         return []
-    # Waits for overlapping collectives (non-blocking native allreduces) overlap in time:
-    # count each rank's waiting time once, as the union of its intervals, per step.
-    per_rank: dict[int, float] = defaultdict(float)
-    for (step, r), intervals in seen.waits.items():
-        per_rank[r] += _union_length(intervals)
+    per_rank = waiting_per_rank(seen)
     wait_total = sum(per_rank.values()) / max(len(per_rank), 1)
     # wall time from the first arrival to the last departure: whole steps, compute included
     step_time = max(b for _, b in seen.steps.values()) - min(a for a, _ in seen.steps.values())
@@ -179,22 +214,9 @@ def diagnose(run_dir: str | Path) -> tuple[str, int]:
     files = sorted(Path(run_dir).glob("ledger-rank*.jsonl"))
     if not files:
         return f"no ledger files (ledger-rank*.jsonl) in {run_dir}", 2
-    by_rank: dict[int, dict[int, dict]] = {}
-    errors: list[tuple[int, dict]] = []
-    size = 0
-    for f in files:
-        header, colls, errs = _load(f)
-        if not header:
-            continue
-        r = int(header["rank"])
-        size = max(size, int(header["size"]))
-        by_rank[r] = {c["seq"]: c for c in colls}
-        errors += [(r, e) for e in errs]
+    by_rank, size, errors = read_ledgers(files)
     if not by_rank:
         return f"no readable ledger in {run_dir}", 2
-    # rotated ledgers keep the newest collectives: compare only what every rank still has
-    start = max((min(c) for c in by_rank.values() if c), default=0)
-    by_rank = {r: {s: c for s, c in colls.items() if s >= start} for r, colls in by_rank.items()}
     lines = [f"{len(by_rank)} of {size} ranks wrote a ledger; "
              f"{max(len(c) for c in by_rank.values())} collectives at most."]
     code = 0

@@ -83,8 +83,10 @@ def run(ctx: RankContext, cfg: JobConfig, s: Setup, mode: StartMode = StartMode(
     if mode.resume:
         s.start_step, changed = checkpoint.restore(ctx, cfg, s.out, s.model, s.optim, identity,
                                                    mode.allow_changes)
-    elif ctx.is_root and mode.overwrite:
-        checkpoint.set_aside(s.out)
+    elif mode.overwrite:
+        if ctx.is_root:
+            checkpoint.set_aside(s.out)
+        ctx.comm.Barrier()  # moved before any rank opens its own files in the folder
     try:
         return _run(ctx, cfg, s, identity, changed)
     except BaseException:

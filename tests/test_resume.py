@@ -166,6 +166,8 @@ def test_a_fresh_start_never_destroys_an_earlier_run(tmp_path):
                    timeout=60)
     assert res.returncode == 0 and "--overwrite: the earlier run" in res.stderr, res.output
     assert not (out / ".replaced").exists()
+    for r in (0, 1):  # every rank's own files are this run's, none moved aside with the old
+        assert (out / f"ledger-rank{r}.jsonl").exists() and (out / f"faults-rank{r}.jsonl").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002.npz"]
     assert sorted(p.name for p in out.glob("ledger-rank*")) == ["ledger-rank0.jsonl", "ledger-rank1.jsonl"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -26,34 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="`mpitrain COMMAND --help` for its options")
 
-    run = sub.add_parser("run", help="train a job (under mpiexec/srun, or -n P to launch)",
-                         description="Train JOB (a TOML job file; default: the built-in digits "
-                                     "job). Launch with `mpiexec -n P mpitrain run JOB`, under "
-                                     "srun, or with `mpitrain run -n P JOB`.")
-    run.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job "
-                     "(e.g. faults/crash); omit for the built-in digits job")
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="SECTION.KEY=VALUE", help="override a job key (TOML value syntax; "
-                     "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
-    run.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
-                     help="add a fault rule, e.g. --fault 'kind=drop,step=3,layer=1'; repeatable")
-    start = run.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue from the newest checkpoint in the output folder "
-                            "(starts fresh when there is none)")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an output folder that holds an earlier run; the "
-                            "earlier run is kept aside until this one writes its first "
-                            "checkpoint, and put back if it fails before")
-    run.add_argument("--allow-change", dest="allow_changes", action="append", default=[],
-                     metavar="KEY", help="with --resume: accept a deliberate change of KEY "
-                     "(e.g. optim.lr, or optim.*), recorded in events.jsonl; repeatable")
-    run.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
-                     help="start P ranks with the mpiexec that belongs to mpi4py")
-    run.add_argument("--restarts", type=int, default=0, metavar="N",
-                     help="with -n: after a rank's death or an unrecovered synchronization "
-                          "fault, relaunch from the newest checkpoint, up to N times")
-    run.set_defaults(func=cmd_run)
+    _add_run_parser(sub)
 
     _add_config_parser(sub)
     _add_evaluate_parser(sub)
@@ -84,6 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the model's options (`mpitrain simulate --help`)")
     simulate.set_defaults(func=cmd_simulate)
     return parser
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="train a job (under mpiexec/srun, or -n P to launch)",
+                         description="Train JOB (a TOML job file; default: the built-in digits "
+                                     "job). Launch with `mpiexec -n P mpitrain run JOB`, under "
+                                     "srun, or with `mpitrain run -n P JOB`.")
+    run.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job "
+                     "(e.g. faults/crash); omit for the built-in digits job")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a job key (TOML value syntax; "
+                     "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
+    run.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
+                     help="add a fault rule, e.g. --fault 'kind=drop,step=3,layer=1'; repeatable")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in the output folder "
+                            "(starts fresh when there is none)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output folder that holds an earlier run; the "
+                            "earlier run is kept aside until this one writes its first "
+                            "checkpoint, and put back if it fails before")
+    run.add_argument("--allow-change", dest="allow_changes", action="append", default=[],
+                     metavar="KEY", help="with --resume: accept a deliberate change of KEY "
+                     "(e.g. optim.lr, or optim.*), recorded in events.jsonl; repeatable")
+    run.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
+                     help="start P ranks with the mpiexec that belongs to mpi4py")
+    run.add_argument("--restarts", type=int, default=0, metavar="N",
+                     help="with -n: after a rank's death or an unrecovered synchronization "
+                          "fault, relaunch from the newest checkpoint, up to N times")
+    run.set_defaults(func=cmd_run)
 
 
 def _add_config_parser(sub: argparse._SubParsersAction) -> None:

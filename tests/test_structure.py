@@ -122,3 +122,22 @@ def test_every_module_imports():
     res = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+MODULE_LINES, FUNCTION_LINES = 420, 60  # "a few hundred lines", "fits on a screen"
+
+
+def test_modules_and_functions_stay_readable():
+    """No module over MODULE_LINES lines, no function over FUNCTION_LINES: a module that
+    grows past it does more than one job, a function past it more than one thing."""
+    too_long = []
+    for name, path in module_names().items():
+        text = path.read_text()
+        if text.count("\n") > MODULE_LINES:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert not too_long, too_long

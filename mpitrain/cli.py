@@ -59,18 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """JOB, --set and --fault: how a job is named and changed, the same for every command."""
+    parser.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job "
+                        "(e.g. faults/crash); omit for the built-in digits job")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a job key (TOML value "
+                        "syntax; bare words are strings), e.g. --set optim.lr=0.01; repeatable")
+    parser.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
+                        help="add a fault rule, e.g. --fault 'kind=drop,step=3,layer=1'; "
+                             "repeatable")
+
+
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="train a job (under mpiexec/srun, or -n P to launch)",
                          description="Train JOB (a TOML job file; default: the built-in digits "
                                      "job). Launch with `mpiexec -n P mpitrain run JOB`, under "
                                      "srun, or with `mpitrain run -n P JOB`.")
-    run.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job "
-                     "(e.g. faults/crash); omit for the built-in digits job")
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="SECTION.KEY=VALUE", help="override a job key (TOML value syntax; "
-                     "bare words are strings), e.g. --set optim.lr=0.01; repeatable")
-    run.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
-                     help="add a fault rule, e.g. --fault 'kind=drop,step=3,layer=1'; repeatable")
+    _add_job_arguments(run)
     start = run.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in the output folder "
@@ -97,13 +103,7 @@ def _add_config_parser(sub: argparse._SubParsersAction) -> None:
                                      "job file < MPITRAIN_* environment < --set), as the "
                                      "config.toml a run writes with each value's source as "
                                      "a comment.")
-    cfg.add_argument("job", nargs="?", help="job file (TOML) or the name of a built-in job; "
-                     "omit for the built-in digits job")
-    cfg.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="SECTION.KEY=VALUE", help="override a job key, as for run; "
-                     "repeatable")
-    cfg.add_argument("--fault", dest="faults", action="append", default=[], metavar="RULE",
-                     help="add a fault rule, as for run; repeatable")
+    _add_job_arguments(cfg)
     cfg.add_argument("--json", action="store_true",
                      help='{section: {key: {"value": ..., "source": ...}}} instead of TOML')
     cfg.set_defaults(func=cmd_config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError, MpitrainError
@@ -169,11 +170,16 @@ def _add_report_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # mpi4py warns when it sees another MPI's launcher variables; World.check_launcher says
+    # the same in one message with what to do, printed once.
+    warnings.filterwarnings("ignore", message="suspicious MPI execution environment")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except MpitrainError as err:  # raised before MPI started, or by a single process
-        print(f"mpitrain: error: {err}", file=sys.stderr)
+        from .context import launcher_rank
+        if not launcher_rank():  # under a launcher, every process raised it: say it once
+            print(f"mpitrain: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # mpiexec forwards Ctrl-C to every rank: say it once
         from .context import launcher_rank

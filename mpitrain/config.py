@@ -125,6 +125,7 @@ class JobConfig:
     faults: FaultsConfig
     name: str = "default"
     path: str | None = None
+    rule_sources: tuple[str, ...] = ()  # where each fault rule came from (file, --fault, ...)
 
     @property
     def epochs(self) -> int | None:
@@ -186,7 +187,8 @@ def load_with_origins(path: str | Path | None = None, overrides: Sequence[str] =
     for var, text in sorted((environ or {}).items()):
         if var.startswith(ENV_PREFIX):
             sec, k = _split_env(var)
-            _merge(raw, origin, {sec: {k: parse_value(text)}}, f"environment {var}")
+            _merge(raw, origin, {sec: {k: _parsed(text, f"environment {var}")}},
+                   f"environment {var}")
     for item in overrides:
         sec, k, value = _split_override(item)
         _merge(raw, origin, {sec: {k: value}}, f"--set {item}")
@@ -202,9 +204,11 @@ def load_with_origins(path: str | Path | None = None, overrides: Sequence[str] =
     cfg = JobConfig(**sections, name=name, path=str(path) if path else None)
     _check_combinations(cfg, origin, str(path) if path else "the defaults")
     n_job_rules = len(cfg.faults.rules) - len(extra_rules)
-    for i in range(len(cfg.faults.rules)):
-        origin[("faults", f"rules[{i}]")] = rules_origin if i < n_job_rules else "--fault"
-    return cfg, origin
+    sources = tuple(rules_origin if i < n_job_rules else "--fault"
+                    for i in range(len(cfg.faults.rules)))
+    for i, source in enumerate(sources):
+        origin[("faults", f"rules[{i}]")] = source
+    return dataclasses.replace(cfg, rule_sources=sources), origin
 
 
 def _read_toml(path: Path) -> dict:
@@ -257,14 +261,31 @@ def _split_override(item: str) -> tuple[str, str, Any]:
     sec, dot, k = lhs.strip().partition(".")
     if not eq or not dot or not k:
         raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set optim.lr=0.01")
-    return sec, k, parse_value(text)
+    return sec, k, _parsed(text, f"--set {item}")
+
+
+def _parsed(text: str, where: str) -> Any:
+    """:func:`parse_value`, its error naming ``where`` the text came from."""
+    try:
+        return parse_value(text)
+    except ConfigError as err:
+        err.message = f"{where}: {err.message}"
+        raise
 
 
 def parse_value(text: str) -> Any:
-    """A TOML value (number, bool, quoted string, array, inline table); else the bare text."""
+    """A TOML value (number, bool, quoted string, array, inline table); else the bare text.
+
+    Text that opens an array, a table or a quoted string but is not valid TOML is a mistake,
+    not a bare word: ConfigError saying what TOML expected."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text.strip()[:1] in ("[", "{", '"', "'"):
+            reason = str(exc).split(" (at ")[0]
+            raise ConfigError(f"{text.strip()}: not a valid TOML value ({reason})",
+                              hint="lists look like [64, 10], strings like \"ring\" (quote "
+                                   "them for your shell: --set 'model.layers=[64, 10]')") from None
         return text.strip()
 
 
@@ -280,7 +301,7 @@ def parse_fault(text: str) -> dict:
         if not eq:
             raise ConfigError(f"--fault {text}: expected key=value pairs separated by commas, "
                               f"e.g. --fault 'kind=drop,step=3,layer=1'")
-        rule[k.strip()] = parse_value(v)
+        rule[k.strip()] = _parsed(v, f"--fault {text}")
     return rule
 
 

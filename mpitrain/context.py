@@ -52,6 +52,16 @@ def environment() -> dict[str, str]:
     return dict(os.environ)
 
 
+def mpi_launcher_rank(env: dict[str, str]) -> int | None:
+    """This process's rank in an MPI job that a launcher (mpiexec, srun --mpi) started, from
+    the MPI launchers' own variables (not Slurm's task id: a batch script has one too)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        value = env.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def launcher_rank(env: dict[str, str] | None = None) -> int | None:
     """This process's rank as its launcher announced it, without starting MPI (None: none).
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import config, jobs
-from .context import LAUNCH_DIR_VAR, environment
+from .context import LAUNCH_DIR_VAR, environment, mpi_launcher_rank
 from .errors import PREEMPTED_EXIT, ConfigError, LaunchError
 
 OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
@@ -133,6 +133,13 @@ def mpiexec_command(nprocs: int, python_args: list[str],
     """
     if nprocs < 1:
         raise ConfigError(f"-n {nprocs}: the number of ranks must be >= 1")
+    outer = mpi_launcher_rank(environment())
+    if outer is not None:
+        raise LaunchError(f"-n {nprocs} inside an MPI job (this process is rank {outer} of a "
+                          f"job that mpiexec or srun started): each process would start "
+                          f"{nprocs} ranks of its own",
+                          hint="launch with either `mpitrain run -n P` or mpiexec/srun, "
+                               "not both")
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         raise LaunchError(f"no mpiexec next to {sys.executable}",

@@ -231,13 +231,15 @@ class PlanScope:
     bucket_bytes: int = 0
 
 
-def validate_plan(rules: Sequence[FaultRule], scope: PlanScope, where: str) -> None:
+def validate_plan(rules: Sequence[FaultRule], scope: PlanScope,
+                  sources: Sequence[str]) -> None:
     """Every rule must be able to hit something in this job; say why not if one can't.
 
-    ``where`` names the rules' source (the job file) in messages.
+    ``sources[i]`` names where rule i came from (the job file, ``--fault``) in messages.
     """
     for i, rule in enumerate(rules):
-        _validate_rule(rule, scope, f"{where}: [[faults.rules]] rule {i} (kind = \"{rule.kind}\")")
+        _validate_rule(rule, scope,
+                       f"{sources[i]}: [[faults.rules]] rule {i} (kind = \"{rule.kind}\")")
 
 
 def _validate_rule(rule: FaultRule, s: PlanScope, label: str) -> None:

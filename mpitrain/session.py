@@ -21,7 +21,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
 
-from .context import World, environment
+from .context import World, environment, launcher_rank
 from .errors import MpitrainError
 
 EXIT_WAIT_S = 3.0  # how long ranks that failed together wait for each other before exiting
@@ -64,7 +64,9 @@ def session() -> Iterator[World]:
 def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
     """Print ``err`` once and end this rank -- and the job -- with its exit code."""
     everywhere = err.reporter is not None
-    if not everywhere or err.reporter == world.rank:
+    # P processes of a foreign launcher are P worlds of one: only its first one speaks
+    alone_of_many = world.size == 1 and launcher_rank(world.env) not in (None, 0)
+    if (not everywhere or err.reporter == world.rank) and not alone_of_many:
         print(f"mpitrain: error: {err}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     world.record_exit(err.exit_code)

@@ -174,7 +174,8 @@ def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Se
     scope = PlanScope(size=ctx.size, n_layers=model.n_layers, total_steps=total,
                       algorithm=cfg.sync.algorithm, buckets=model.buckets(cfg.sync.bucket_bytes),
                       bucket_bytes=cfg.sync.bucket_bytes)
-    validate_plan(cfg.faults.rules, scope, cfg.path or "built-in job")
+    validate_plan(cfg.faults.rules, scope,
+                  cfg.rule_sources or [cfg.path or "built-in job"] * len(cfg.faults.rules))
     optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
     return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
 

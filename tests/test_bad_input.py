@@ -164,3 +164,26 @@ def test_an_output_folder_that_cannot_be_written_is_one_message(tmp_path, out, p
                        f'run.out="{out.format(tmp=tmp_path)}"'], timeout=60)
     check_one_message(res, parts, None)
     assert res.returncode == 2
+
+
+def test_nested_launch_is_refused_once(tmp_path):
+    """`mpitrain run -n P` under mpiexec would make every process start P ranks of its own."""
+    res = mpitrain(2, ["run", "-n", "2", "--set", f'run.out="{tmp_path}"'], timeout=60)
+    check_one_message(res, ["-n 2 inside an MPI job", "not both"], None)
+
+
+@pytest.mark.parametrize("args,parts", [
+    (["run", "--set", "model.layers=[64,"], ["--set model.layers=[64,: [64,: not a valid TOML value"]),
+    (["run", "--fault", "kind=drop,step=[1"], ["--fault kind=drop,step=[1: [1: not a valid TOML value"]),
+    (["run", "--set", 'sync.algorithm="ring"', "--fault", "kind=dropp"],
+     ["--fault: [faults.rules[0]] kind = \"dropp\"", "did you mean 'drop'"]),
+    (["run", "jobs/digits.toml", "--fault", "kind=drop,step=1"],
+     ["--fault: [[faults.rules]] rule 0 (kind = \"drop\"): message faults act on"]),
+    (["simulate", "--layers", "64,10", "--batch", "32", "--dtype", "float32", "--latency-us", "2",
+      "--bandwidth-gbps", "-5"], ["--bandwidth-gbps -5: must be > 0"]),
+])
+def test_command_line_mistakes_name_their_option(tmp_path, args, parts):
+    res = run([sys.executable, "-m", "mpitrain", *args, *(["--set", f'run.out="{tmp_path}"']
+                                                            if args[0] == "run" else [])],
+              timeout=60)
+    check_one_message(res, parts, None)

@@ -173,7 +173,26 @@ def _algorithms_and_ranks(args) -> tuple[list[str], list[int]]:
         raise ConfigError("--ranks: values between 1 and 1048576")
     if not 0 <= args.loss_rate < 1:
         raise ConfigError("--loss-rate must be in [0, 1)")
+    _check_positive(args)
     return algos, ranks
+
+
+POSITIVE = ("bandwidth_gbps", "latency_us", "gamma_gbps", "gflops", "compute_ms", "mtu",
+            "window", "rto_us", "batch")      # physical quantities: more than zero
+NON_NEGATIVE = ("straggler_ms", "bucket_bytes")
+
+
+def _check_positive(args) -> None:
+    """A rate, size or time of zero or less describes no machine: one message naming it."""
+    for name in POSITIVE + NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and name in POSITIVE) or value != value:
+            bound = "> 0" if name in POSITIVE else ">= 0"
+            raise ConfigError(f"--{name.replace('_', '-')} {value:g}: must be {bound}")
+    if not 0 <= args.straggler_prob <= 1:
+        raise ConfigError(f"--straggler-prob {args.straggler_prob:g}: must be in [0, 1]")
 
 
 def _print_setup(args, sm: StepModel, net: Network, params: dict[str, Params],

@@ -57,8 +57,7 @@ def session() -> Iterator[World]:
         sys.stderr.flush()
         world.record_exit(1)
         world.release_shared_memory()
-        world.comm.Abort(1)
-        os._exit(1)  # MPI_Abort can return (MPICH's wheel): never go on after it
+        _abort(world, 1)
 
 
 def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
@@ -72,11 +71,24 @@ def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
     world.record_exit(err.exit_code)
     world.release_shared_memory()  # no MPI_Finalize on this path: it would not clean up
     if world.size > 1 and not everywhere:
-        world.comm.Abort(err.exit_code)
-        os._exit(err.exit_code)  # MPI_Abort can return (MPICH's wheel): never go on after it
+        _abort(world, err.exit_code)
     if world.size > 1:
         # Leave together: the launcher kills the remaining ranks as soon as one exits with
         # an error ("BAD TERMINATION"), so the ranks meet first (boundedly: one may be
         # dead) and then all exit at once.  No MPI_Finalize: it could wait for a dead rank.
         world.all_present(timeout=EXIT_WAIT_S)
     os._exit(err.exit_code)
+
+
+def _abort(world: World, code: int) -> NoReturn:
+    """Take the whole job down from this rank: MPI_Abort, its own stderr line silenced (the
+    user has read mpitrain's message already), and never go on after it (the MPICH wheel's
+    MPI_Abort can return)."""
+    sys.stderr.flush()
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+    except OSError:
+        pass
+    world.comm.Abort(code)
+    os._exit(code)

@@ -1,5 +1,6 @@
 # Two commands for a new user:  `make run` (install + train the digits job on 2 ranks)
-# and `make test` (install + the whole test suite).  Everything lives in .venv; MPI comes
+# and `make test` (install + the test suite; `make test-slow` adds containers, Slurm, the
+# wheel and the fault campaign, `make test-all` runs both).  Everything lives in .venv; MPI comes
 # from PyPI (the mpich wheel), so no system MPI is needed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 NP ?= 2
 JOB ?= jobs/digits.toml
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-slow test-all clean
 
 install: $(VENV)/.installed
 
@@ -21,10 +22,13 @@ run: install
 	$(BIN)/mpitrain run -n $(NP) $(JOB) --overwrite
 
 test: install
-	$(BIN)/python -m pytest -ra
-
-test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -ra -m slow
+
+test-all: install
+	$(BIN)/python -m pytest -ra
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -19,7 +19,7 @@ build) carries Sybil's skip directive with its reason in an HTML comment just ab
 without a language (or in ``bash``/``shell``, which would not run), fail the document's
 collection, so no shell block is silently left out.  ```` ```console slow ```` marks a block
 that takes more than ~20 s: it gets the ``slow`` marker (``pytest -m "not slow"`` leaves it
-out; ``make test`` runs it), and so does a skip directive just above it.
+out; ``make test-slow`` runs it), and so does a skip directive just above it.
 
 Every document runs in its own temporary working directory that mirrors the repository root
 (symbolic links to its top-level entries, and a ``.venv`` whose ``bin`` is the environment

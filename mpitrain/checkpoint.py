@@ -186,7 +186,7 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
 
 
 # --------------------------------------------------------------------------- earlier runs
-#: What a run writes into its folder (besides trace and report files of later tools).
+#: What a run writes into its folder (besides the report files of later tools).
 RUN_FILES = ("model.npz", "metrics.jsonl", "events.jsonl", "config.toml", "checkpoints",
              "ledger-rank*.jsonl", "faults-rank*.jsonl", "trace.json", "trace-rank*.json")
 REPLACED = ".replaced"  # an earlier run moved aside by --overwrite until the new one checkpoints

@@ -365,7 +365,7 @@ class Tracer(NoTrace):
         self.error(err)
         self.close_open(type(err).__name__)
         trace_file.write_part(self.out, self.rank, self.part())
-        if self.rank == 0:
+        if self.rank == 0 and not isinstance(err, SystemExit):  # a crash does not wait
             trace_file.merge(self.out, self.size, trace_file.PART_WAIT_S)
 
 

@@ -186,9 +186,10 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
 
 
 # --------------------------------------------------------------------------- earlier runs
-#: What a run writes into its folder (besides trace and report files of later tools).
+#: What a run writes into its folder (besides the report files of later tools).
 RUN_FILES = ("model.npz", "metrics.jsonl", "events.jsonl", "config.toml", "checkpoints",
-             "ledger-rank*.jsonl", "faults-rank*.jsonl")
+             "ledger-rank*.jsonl", "ledger-rank*.jsonl.1", "faults-rank*.jsonl", "traffic.json",
+             "trace.json", "trace-rank*.json", "report.html")
 REPLACED = ".replaced"  # an earlier run moved aside by --overwrite until the new one checkpoints
 
 

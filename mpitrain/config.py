@@ -107,9 +107,38 @@ class FaultsConfig:
     rules: list[FaultRule] = key([])
 
 
+TRACE_STEPS_ALLOWED = '"A-B" (steps A to B, 1 <= A <= B), "A" (one step) or "" (off)'
+
+
+def parse_trace_steps(text: str) -> tuple[int, int] | None:
+    """``[trace] steps`` as (first, last) step, or None for "" (off); ValueError if malformed."""
+    text = text.strip()
+    if not text:
+        return None
+    first, dash, last = (part.strip() for part in text.partition("-"))
+    if not first.isdigit() or (dash and not last.isdigit()):
+        raise ValueError("not a step range")
+    window = (int(first), int(last) if dash else int(first))
+    if window[0] < 1 or window[1] < window[0]:
+        raise ValueError("steps count from 1 and A must not exceed B")
+    return window
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    steps: str = key("", doc=f"steps recorded into OUT/trace.json: {TRACE_STEPS_ALLOWED}")
+    messages: bool = key(True, doc="every gradient message as an arrow between ranks "
+                                   "(false: spans and events only, for big runs)")
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """(first, last) traced step, or None when tracing is off."""
+        return parse_trace_steps(self.steps)
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "data": DataConfig, "model": ModelConfig,
-    "optim": OptimConfig, "sync": SyncConfig, "faults": FaultsConfig,
+    "optim": OptimConfig, "sync": SyncConfig, "faults": FaultsConfig, "trace": TraceConfig,
 }
 
 
@@ -123,6 +152,7 @@ class JobConfig:
     optim: OptimConfig
     sync: SyncConfig
     faults: FaultsConfig
+    trace: TraceConfig
     name: str = "default"
     path: str | None = None
     rule_sources: tuple[str, ...] = ()  # where each fault rule came from (file, --fault, ...)
@@ -329,6 +359,12 @@ def _check_combinations(cfg: JobConfig, origin: dict, default_where: str) -> Non
                           f"(checksum = \"xxh3\" or \"crc32c\"): it detects corrupted messages "
                           f"by their checksum to resend them")
     _check_out(cfg.run.out, where("run", "out"))
+    try:
+        cfg.trace.window
+    except ValueError as exc:
+        raise ConfigError(f"{where('trace', 'steps')}: [trace] steps = "
+                          f"{toml_value(cfg.trace.steps)}: {exc}; allowed: "
+                          f"{TRACE_STEPS_ALLOWED}") from None
 
 
 OUT_PLACEHOLDERS = ("job", "slurm_job_id")

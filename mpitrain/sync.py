@@ -39,6 +39,8 @@ from .comm.faults import FaultInjector, FaultPlan
 from .comm.ledger import Ledger
 from .comm.traffic import Traffic
 from .comm.transport import Transport
+from .trace import COMM, OFF, NoTrace
+from .trace import start as start_trace
 
 if TYPE_CHECKING:
     from .config import JobConfig
@@ -55,13 +57,15 @@ class GradientSync:
     layer is its own bucket.  A bucket starts when layer ``lo`` -- the last of its layers
     that backward finishes -- is ready, and is named by ``lo``.  ``transport`` (own
     algorithms) and ``sum_check`` (lossy delivery, fault plans) are optional; see
-    :func:`build`.
+    :func:`build`.  ``tracer``: the timeline of chosen steps (:mod:`mpitrain.trace`), which
+    the loop also uses.
     """
 
     def __init__(self, allreducer, buffers: list, overlap: bool = True,
                  transport=None, sum_check=None, buckets: list | None = None,
-                 traffic: Traffic | None = None):
+                 traffic: Traffic | None = None, tracer: NoTrace = OFF):
         self.allreducer, self.buffers, self.overlap = allreducer, buffers, overlap
+        self.tracer = tracer
         self.transport, self.sum_check = transport, sum_check
         # what the reductions put on the network: measured by the transport for the own
         # algorithms, modelled here for native MPI (see comm/traffic.py)
@@ -120,7 +124,12 @@ class GradientSync:
                 self.sum_check.before(layer, self._layer_wire[layer])
         if self.traffic.modelled:
             self.traffic.allreduce(lo, wire.nbytes)
-        return self.allreducer.start(wire, self.step, lo)
+        if self.tracer.on:
+            self.tracer.allreduce_starting(lo, hi, wire.nbytes, self.allreducer.name)
+        handle = self.allreducer.start(wire, self.step, lo)
+        if self.tracer.on:
+            self.tracer.allreduce_started(handle)
+        return handle
 
     def begin(self, step: int) -> None:
         """Start a step: no bucket is outstanding.
@@ -146,17 +155,22 @@ class GradientSync:
             self._pending.append(self._start(k))
         for handle in self._pending:
             self.allreducer.test(handle)
+        if self.tracer.on:
+            self.tracer.allreduces_done()
         self.comm_s += time.perf_counter() - t0
 
     def finish(self) -> float:
         """Complete every bucket's reduction (the global mean); return the seconds waited."""
         t0 = time.perf_counter()
-        if self.overlap:
-            for handle in self._pending:
-                self.allreducer.wait(handle)
-        else:
-            for k in range(len(self.buckets)):
-                self.allreducer.wait(self._start(k))
+        with self.tracer.span("wait for gradients", COMM, "wait"):
+            if self.overlap:
+                for handle in self._pending:
+                    self.allreducer.wait(handle)
+                    self.tracer.allreduces_done()
+            else:
+                for k in range(len(self.buckets)):
+                    self.allreducer.wait(self._start(k))
+                    self.tracer.allreduces_done()
         self._pending.clear()
         waited = time.perf_counter() - t0
         if self.sum_check is not None:
@@ -177,15 +191,16 @@ class GradientSync:
             return
         t0 = time.perf_counter()
         try:  # counted even when a check raises and on_divergence = "warn" goes on
-            comm = self.transport.comm
-            # The checks use native collectives: a rank that failed in the transport must
-            # be heard of first, or the others would wait for it inside MPI forever.
-            self.fence(step)
-            self.sum_check.verify_finite(comm, step)
-            seen = self.transport.evidence(step)
-            self.sum_check.verify(comm, step, seen.lost, checksums=seen.checksums,
-                                  told=seen.told,
-                                  fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
+            with self.tracer.span("end-to-end check", COMM, "check"):
+                comm = self.transport.comm
+                # The checks use native collectives: a rank that failed in the transport must
+                # be heard of first, or the others would wait for it inside MPI forever.
+                self.fence(step)
+                self.sum_check.verify_finite(comm, step)
+                seen = self.transport.evidence(step)
+                self.sum_check.verify(comm, step, seen.lost, checksums=seen.checksums,
+                                      told=seen.told,
+                                      fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
         finally:
             self.comm_s += time.perf_counter() - t0
 
@@ -193,7 +208,8 @@ class GradientSync:
         """Collective: before a native collective that follows own-algorithm traffic, make
         sure no rank is failing (a rank that is would otherwise leave the others in MPI)."""
         if self.transport is not None and self._fenced != step:
-            self.transport.fence(step)
+            with self.tracer.span("fence", COMM, "check"):
+                self.transport.fence(step)
             self._fenced = step
 
     def close(self) -> dict:
@@ -215,9 +231,9 @@ def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
     """The synchronizer a job asks for: buckets, algorithm, transport, fault plan, ledger,
     checks, for the gradients of ``model``.
 
-    Collective (the ledger measures clock offsets).  ``events`` receives each injected
-    fault and loss as a dict; ``crashed``: the crash rules that already killed this rank
-    earlier in the run (a resumed run), which do not fire again.  Native MPI allreduce gets
+    Collective (the ledger and the tracer measure clock offsets).  ``events`` receives each
+    injected fault and loss as a dict; ``crashed``: the crash rules that already killed this
+    rank earlier in the run (a resumed run), which do not fire again.  Native MPI allreduce gets
     no transport unless a fault plan has rank-level faults (crash, slow), which act at the
     start of a collective.
     """
@@ -226,26 +242,29 @@ def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
     injector = FaultInjector(FaultPlan(rules, f.seed), ctx.rank, events, crashed) \
         if rules else None
     ledger = Ledger(out, ctx.rank, ctx.size, ctx.comm) if cfg.sync.ledger else None
+    tracer = start_trace(cfg, ctx.comm, out, ledger)
     transport = None
     traffic = Traffic(ctx.rank, ctx.size, modelled=cfg.sync.algorithm == "native")
     if cfg.sync.algorithm != "native" or injector is not None:
         transport = Transport(ctx.comm, delivery=f.delivery, deadline_s=f.deadline_ms / 1e3,
                               injector=injector, ledger=ledger, events=events,
                               checksum=f.checksum, oversubscribed=ctx.oversubscribed,
-                              traffic=traffic)
+                              traffic=traffic, tracer=tracer)
     allreducer = make_allreducer(cfg.sync.algorithm, ctx.comm, transport, ledger=ledger,
                                  deadline_s=f.deadline_ms / 1e3,
                                  oversubscribed=ctx.oversubscribed)
     checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
     buckets = [(lo, hi, model.grad_span(lo, hi)) for lo, hi in model.buckets(cfg.sync.bucket_bytes)]
     return GradientSync(allreducer, [g.flat for g in model.grads], cfg.sync.overlap, transport,
-                        checks, buckets, traffic)
+                        checks, buckets, traffic, tracer)
 
 
-def verify_replicas(comm: Any, params: list, step: int) -> None:
+def verify_replicas(comm: Any, params: list, step: int, tracer: NoTrace = OFF) -> None:
     """Collective: raise DivergenceError on every rank if the replicas' parameters differ.
 
     ``params`` are the per-layer flat parameter buffers (host or GPU); ``step`` 0 means
     before the first step.  Names the first differing layer and the ranks that differ.
     """
-    check_replicas(comm, [[to_host(p, copy=False)] for p in params], step)
+    with tracer.span("replica check", COMM, "check"):
+        check_replicas(comm, [[to_host(p, copy=False)] for p in params], step)
+    tracer.instant("replicas equal", COMM, "check")

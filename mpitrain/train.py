@@ -22,7 +22,7 @@ from typing import Callable, NoReturn
 
 import numpy as np
 
-from . import checkpoint, data
+from . import checkpoint, data, trace
 from .backend import to_host
 from .comm import traffic
 from .comm.allreduce import wait_native
@@ -37,6 +37,7 @@ from .optim import Optimizer, learning_rate
 from .schema import PlanScope, validate_plan
 from .sync import GradientSync, verify_replicas
 from .sync import build as build_sync
+from .trace import COMM
 
 
 @dataclass
@@ -127,6 +128,10 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
         with np.errstate(all="ignore"):
             summary = _loop(ctx, cfg, s, sync, metrics, stop)
         _report(ctx, cfg, s, sync, metrics)
+    except BaseException as err:
+        if sync is not None:
+            sync.tracer.fail(err)  # this rank's part of the timeline: no collective now
+        raise
     finally:
         if sync is not None:
             sync.close_ledger()
@@ -138,8 +143,9 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
 
 def _report(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
             metrics: Metrics) -> None:
-    """Collective, at the end: what the transport and the injected faults cost and did, and
-    the run's traffic per link (traffic.json, rank 0)."""
+    """Collective, at the end: what the transport and the injected faults cost and did, the
+    run's traffic per link (traffic.json, rank 0) and the timeline of chosen steps
+    (trace.json, rank 0)."""
     report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
     report_fault_outcome(ctx.comm, sync.transport, metrics, s.total_steps,
                          cfg.faults.delivery, {step for step, _ in s.warnings})
@@ -147,6 +153,7 @@ def _report(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
     if merged is not None:
         checkpoint.write_text(s.out / "traffic.json", "{\n" + ",\n".join(
             f" {json.dumps(k)}: {json.dumps(v)}" for k, v in merged.items()) + "\n}\n")
+    sync.tracer.finish(ctx.comm)
 
 
 def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Setup:
@@ -176,6 +183,7 @@ def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Se
                       bucket_bytes=cfg.sync.bucket_bytes)
     validate_plan(cfg.faults.rules, scope,
                   cfg.rule_sources or [cfg.path or "built-in job"] * len(cfg.faults.rules))
+    trace.check_window(cfg, total, cfg.path or "built-in job")
     optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
     return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
 
@@ -192,6 +200,7 @@ def _loop(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
         epoch, k = divmod(step - 1, spe)
         if epoch != order_epoch:
             order, order_epoch = s.sampler.epoch_order(epoch), epoch
+        sync.tracer.begin_step(step)
         record, stop_now = _step(ctx, cfg, s, sync, metrics, step, epoch, k, order, stop)
         metrics.step(record)
         epoch_sums += (record["loss"] * record["samples"], record["correct"], record["samples"])
@@ -199,6 +208,7 @@ def _loop(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
             last_epoch = _end_of_epoch(ctx, s, sync, metrics, step, epoch, epoch_sums)
             epoch_sums[:] = 0
         _end_of_step(ctx, cfg, s, sync, metrics, step, stop_now)
+        sync.tracer.end_step(step)
 
     _checked(cfg, s, metrics, s.total_steps,
              lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.total_steps))
@@ -222,8 +232,8 @@ def _end_of_step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
     if check or (stop_now and not last):
         sync.fence(step)
     if check:
-        _checked(cfg, s, metrics, step,
-                 lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], step))
+        _checked(cfg, s, metrics, step, lambda: verify_replicas(
+            ctx.comm, [p.flat for p in s.model.params], step, sync.tracer))
     if stop_now and not last:  # on the last step, finishing is the best checkpoint
         _save_checkpoint(ctx, cfg, s, step)
         metrics.event("preempted", step)
@@ -231,7 +241,8 @@ def _end_of_step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
                         f"{checkpoint.checkpoint_dir(s.out)}",
                         hint="run the same command with --resume to continue", reporter=0)
     if last or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
-        _save_checkpoint(ctx, cfg, s, step)
+        with sync.tracer.span("checkpoint"):
+            _save_checkpoint(ctx, cfg, s, step)
 
 
 def _epoch_so_far(metrics: Metrics, start_step: int, spe: int) -> np.ndarray:
@@ -249,16 +260,16 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
           step: int, epoch: int, k: int, order: np.ndarray, stop: StopSignal
           ) -> tuple[dict, bool]:
     """One global step on this rank: (its metrics record, whether all ranks must stop now)."""
-    model = s.model
+    model, tracer = s.model, sync.tracer
     t_start = time.perf_counter()
-    idx, n_global = s.sampler.shard(epoch, k, order)
-    x, y = s.dataset.batch(idx, model.dtype, ctx.xp)
-
     # Forward and loss.  Each sample is weighted 1/n_global, so the gradients' SUM over
     # ranks (what the allreduce computes) is their mean over the global batch.
-    out = model.forward(x)
-    loss_sum, dz = model.loss(out, y, 1.0 / n_global)
-    correct = model.correct(out, y) if s.dataset.classes is not None else 0
+    with tracer.span("forward"):
+        idx, n_global = s.sampler.shard(epoch, k, order)
+        x, y = s.dataset.batch(idx, model.dtype, ctx.xp)
+        out = model.forward(x)
+        loss_sum, dz = model.loss(out, y, 1.0 / n_global)
+        correct = model.correct(out, y) if s.dataset.classes is not None else 0
     # The step's statistics travel in one small allreduce that overlaps the backward pass;
     # the stop flag in it makes every rank stop at the same step after a signal, and the
     # count of ranks whose loss is not finite makes them all raise the same error.
@@ -268,12 +279,13 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
 
     # Backward, handing each layer to the synchronizer as soon as it is ready.
     sync.begin(step)
-    for layer in model.backward(dz):
+    for layer in tracer.backward(model.backward(dz)):
         sync.layer_ready(layer)
     waited = sync.finish()
     t_wait = time.perf_counter()
-    wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}",
-                oversubscribed=ctx.oversubscribed)
+    with tracer.span("wait for statistics", COMM, "wait"):
+        wait_native(stats_req, cfg.faults.deadline_ms / 1e3, f"the statistics of step {step}",
+                    oversubscribed=ctx.oversubscribed)
     waited += time.perf_counter() - t_wait
     if stats[4]:
         _loss_not_finite(ctx, s, step, float(loss_sum))
@@ -281,7 +293,8 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
     _checked(cfg, s, metrics, step, lambda: sync.verify(step))
 
     lr = learning_rate(cfg.optim, step, s.total_steps)
-    s.optim.step([g.flat for g in model.grads], lr)
+    with tracer.span("optimizer"):
+        s.optim.step([g.flat for g in model.grads], lr)
     total = time.perf_counter() - t_start
     loss, correct, samples, stop_votes, _ = stats
     record = {"step": step, "epoch": epoch, "loss": loss,

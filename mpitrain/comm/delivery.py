@@ -101,6 +101,8 @@ class Delivery:
         t = self.t
         t.lost.append(mid)
         t.stats["lost"] += 1
+        if t.tracer.on:  # called inside the receive of ``mid``: its number is the last taken
+            t.tracer.absent(mid, t._recv_seq[mid.src] - 1)
         for r in range(t.size):
             if r != t.rank:
                 t.outbox.post_control(r, TAG_LOSS, tuple(mid))
@@ -232,6 +234,8 @@ class Reliable(Delivery):
                 entry[1], entry[3] = now, entry[3] + 1
                 self.t.stats["retransmissions"] += 1
                 self.t.traffic.retransmitted(dst, payload_bytes(entry[0]))
+                if self.t.tracer.on:
+                    self.t.tracer.retransmitted(dst, entry[0])
                 self.t.transmit(dst, entry[0])
 
 

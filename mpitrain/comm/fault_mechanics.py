@@ -82,6 +82,8 @@ class FaultMechanics(NoFaults):
         t.outbox.post_control(dst, TAG_NOTICE, {"mid": tuple(mid), "fault": hit.event})
         t.agreement.note_own(mid, hit.event)
         t.traffic.faulted(dst, kind)
+        if t.tracer.on:
+            t.tracer.fault(mid, kind, hit.rule_index)
         effect = {"kind": kind, "mid": tuple(mid), "rule": hit.rule_index}
         self.effects.append(effect)
         t.delivery.on_send(dst, seq, pkt, on_wire=kind not in ("delay", "reorder"))
@@ -136,6 +138,8 @@ class FaultMechanics(NoFaults):
 
     def begin_collective(self, step: int, layer: int, algorithm: str) -> None:
         for hit in self.injector.collective_faults(step, layer, algorithm):
+            if self.t.tracer.on:
+                self.t.tracer.rank_fault(hit.rule.kind, layer)
             if hit.rule.kind == "slow":
                 time.sleep(hit.rule.delay_ms / 1e3)
             elif hit.rule.kind == "crash":
@@ -152,6 +156,7 @@ class FaultMechanics(NoFaults):
             flush.pause()
         if t.ledger is not None:
             t.ledger.flush()
+        t.tracer.fail(SystemExit(CRASH_EXIT))  # this rank's part of the timeline, if tracing
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(CRASH_EXIT)

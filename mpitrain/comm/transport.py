@@ -41,6 +41,7 @@ from mpitrain.comm.waiting import CHECK_MASK, Waiter, spin_budget
 from mpitrain.comm.wire import (F_DROPPED, F_SPLIT, H_CRC, H_FLAGS, H_NBYTES, H_SEQ, HDR_BYTES,
                                 HEADER, INLINE_MAX, MessageId, Packet, checksum_kind,
                                 header_problem, pack_header)
+from mpitrain.trace import OFF, NoTrace
 
 _ABSENT = object()  # _accept's answer for a lossy tombstone
 
@@ -66,13 +67,14 @@ class Transport:
     reliable delivery's retransmission timeout; ``grace_s``: how long ranks collect error
     reports.  ``checksum``: the payload checksum's name ("xxh3", "crc32c"; True: the
     default), or False / "none" to trust MPI's delivery (not with reliable delivery).
+    ``tracer``: the timeline's hooks (:mod:`mpitrain.trace`; off by default).
     """
 
     def __init__(self, comm, *, delivery: str = "strict", deadline_s: float = 10.0,
                  injector=None, ledger=None, events: Callable[[dict], None] | list | None = None,
                  rto_s: float | None = None, grace_s: float | None = None,
                  checksum: bool | str = True, oversubscribed: bool = False,
-                 traffic: Traffic | None = None):
+                 traffic: Traffic | None = None, tracer: NoTrace = OFF):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -83,6 +85,7 @@ class Transport:
         self.ledger = ledger
         self.emit = events.append if isinstance(events, list) else events
         self.traffic = traffic if traffic is not None else Traffic(self.rank, self.size)
+        self.tracer = tracer
         self.outbox = Outbox(comm)
         self._inflight = self.outbox.pending  # (request, buffer): appended to on every send
         summer, self._sum_flag = checksum_kind(checksum)
@@ -129,6 +132,8 @@ class Transport:
         n = data.size
         if mid.layer >= 0:  # gradient payload (a fence is the transport's own)
             self.traffic.sent(dst, mid.layer, n)
+        if self.tracer.on:
+            self.tracer.sent(mid, seq, n)
         crc = self._sum(data) if self.use_crc else 0
         hit = None
         mechanics = self._mechanics
@@ -313,10 +318,14 @@ class Transport:
             body = dest
         if self.use_crc and self._sum(body) != hdr[H_CRC]:
             self.stats["corrupt_detected"] += 1
+            if self.tracer.on:
+                self.tracer.corrupt(mid)
             return self.delivery.on_corrupt(mid, seq)
         self.stats["received"] += 1
         if mid.layer >= 0:
             self.traffic.received(nbytes)
+        if self.tracer.on:
+            self.tracer.accepted(mid, seq, nbytes)
         self.delivery.on_received(src, seq)
         return body
 

@@ -10,6 +10,10 @@ in its own process group, and stays as its supervisor:
 * start-up has a deadline: each rank drops a file into a launch folder once MPI is up
   (``context.World``); a job whose ranks have not all arrived in time is stopped with one
   message instead of hanging in MPI start-up;
+* once a rank has ended on an error, the others have :data:`EXIT_GRACE_S` to end too (they
+  agree on the error within the transport's grace and meet before leaving); a rank still
+  running then is stuck -- in a native collective, say, that its dead peer will never join --
+  and the job is stopped instead of hanging;
 * the exit status is the job's, made deterministic: each rank that ends on an error records
   its status there too (``session``), and the most meaningful one wins over what mpiexec
   reports (MPICH's hydra ORs the statuses: a crashed rank's 70 with the survivors' 3 is 71);
@@ -47,6 +51,7 @@ RANKS_PER_CPU_MAX = 8      # beyond this a local job only thrashes (and MPI star
 RANK_MEMORY_BYTES = 200e6  # what one rank needs at least: Python, NumPy, mpi4py, MPI buffers
 STARTUP_S = 60.0           # start-up deadline: this, plus ...
 STARTUP_S_PER_RANK = 1.0   # ... this per rank
+EXIT_GRACE_S = 15.0        # after a rank ended on an error, the others have this long to end
 NOT_RETRIED = (0, 1, 2, PREEMPTED_EXIT, 130)  # success, a bug, bad input, preempted, Ctrl-C
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
@@ -108,7 +113,8 @@ def run_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool 
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         status = _supervise(proc, nprocs, launch_dir)
         return _job_status(status, launch_dir)
     finally:
@@ -204,12 +210,17 @@ def _supervise(proc: subprocess.Popen, nprocs: int, launch_dir: Path) -> int:
     old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         deadline = time.monotonic() + STARTUP_S + STARTUP_S_PER_RANK * nprocs
-        started = 0
+        started, first_exit = 0, None
         while True:
             try:
                 return proc.wait(timeout=0.05)
             except subprocess.TimeoutExpired:
                 pass
+            if first_exit is None and any(launch_dir.glob("exit-*")):
+                first_exit = time.monotonic()
+            elif first_exit is not None and time.monotonic() > first_exit + EXIT_GRACE_S:
+                _stop(proc)  # a rank outlived the error its peers ended on: stuck
+                return proc.wait()
             if started < nprocs:
                 started = len(list(launch_dir.glob("started-*")))
                 if started < nprocs and time.monotonic() > deadline:
@@ -222,6 +233,16 @@ def _supervise(proc: subprocess.Popen, nprocs: int, launch_dir: Path) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _die_with_parent() -> None:
+    """In mpiexec, before it starts: a SIGKILL when its supervisor dies (Linux), so a killed
+    `mpitrain run -n` leaves no job behind (MPICH's proxies then end the ranks)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop(proc: subprocess.Popen) -> None:

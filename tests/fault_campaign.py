@@ -108,8 +108,8 @@ def launch(args: list[str], ranks: int, timeout: float) -> subprocess.CompletedP
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        subprocess.run(["kill", "-9", f"-{proc.pid}"], check=False)
-        proc.communicate()
+        subprocess.run(["kill", "-9", f"-{proc.pid}"], check=False)  # the job dies with it
+        proc.communicate(timeout=30)
         return None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

@@ -268,8 +268,12 @@ def _put_back_replaced(out: Path) -> None:
     if not aside.is_dir():
         return
     for path in out.glob("*"):  # what the failed run wrote
-        if path.name != REPLACED and any(fnmatch.fnmatchcase(path.name, p) for p in RUN_FILES):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name == REPLACED or not any(fnmatch.fnmatchcase(path.name, p) for p in RUN_FILES):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     for path in aside.iterdir():
         path.rename(out / path.name)
     aside.rmdir()

@@ -4,10 +4,10 @@ The rank that detects a failure (deadline passed, checksum mismatch, protocol mi
 sends a report on :data:`~mpitrain.comm.tags.TAG_ERROR` to every other rank.  A rank
 blocked in the transport when a report arrives adds its own report (what it waits on, for
 how long: :attr:`Agreement.waiting`).  Every rank then collects reports for ``grace_s``
-and raises the best one, by the same rule everywhere (:func:`agreed`): an injected fault
-the sender told about on the very message waited for (the sender posts a notice on
-:data:`~mpitrain.comm.tags.TAG_NOTICE` for every fault it injects), or the crash of the
-rank waited on, beats a fault only inferred between the two ranks (a wait in a later
+and raises the best one, by the same rule everywhere (:func:`agreed`): a corrupted message
+a rank detected beats a wait; a wait on the very message that carried an injected fault (the
+sender posts a notice on :data:`~mpitrain.comm.tags.TAG_NOTICE` for every fault it injects),
+or on a crashed rank, beats a fault only inferred between the two ranks (a wait in a later
 collective), which beats a plain timeout; then a wait on a rank that sent no
 report itself (dead, or the culprit) beats a wait on a rank that is itself stuck; then the
 longest wait; then the lowest reporter.  So every rank raises the same SyncError with
@@ -166,7 +166,8 @@ class Agreement:
                f"checksum mismatch.")
         if note:
             msg += f" Injected fault: {describe(note)}."
-        self.fail(3 if note else 2, msg, "use delivery = \"reliable\" to retransmit corrupted messages",
+        # seen, not waited for: a detected corruption outranks every wait
+        self.fail(4 if note else 2, msg, "use delivery = \"reliable\" to retransmit corrupted messages",
                   step=mid.step, layer=mid.layer)
 
     def fail_mismatch(self, problem: str, mid: MessageId, hdr: tuple) -> NoReturn:

@@ -10,7 +10,9 @@ one rank, and a non-zero exit on every rank -- never a traceback per rank, never
 * an error only one rank saw (a NaN loss on that rank's shard, say) aborts the whole job
   with MPI_Abort, since the other ranks may already wait in a collective for it.
 
-Any other exception is a bug: its traceback is printed and the job aborted with status 1.
+An error raised by MPI itself (a peer that died in the middle of a message) is a
+synchronization failure (status 3), not a bug.  Any other exception is a bug: its traceback
+is printed and the job aborted with status 1.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from contextlib import contextmanager
 from typing import Iterator, NoReturn
 
 from .context import World, environment, launcher_rank
-from .errors import MpitrainError
+from .context import mpi as context_mpi
+from .errors import MpitrainError, SyncError
 
 EXIT_WAIT_S = 3.0  # how long ranks that failed together wait for each other before exiting
 
@@ -52,6 +55,13 @@ def session() -> Iterator[World]:
         exit_on_error(MpitrainError(f"cannot write the run's files: {where}{exc.strerror or exc}",
                                     hint="free space or choose another [run] out, then "
                                          "continue with --resume"), world)
+    except context_mpi().Exception as exc:  # MPI itself failed: a peer died mid-message, say
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        exit_on_error(SyncError(f"MPI reported an error on rank {world.rank}: {first}",
+                                hint="a rank may have died (crashed or killed) while a message "
+                                     "to or from it was in flight; `mpitrain run -n P "
+                                     "--restarts N` relaunches from the newest checkpoint"),
+                      world)
     except Exception:  # a bug: show where, and take the job down rather than hang it
         traceback.print_exc()
         sys.stderr.flush()

@@ -20,7 +20,8 @@ from mpitrain.comm.agreement import agreed
 from mpitrain.comm.allreduce import make_allreducer
 from mpitrain.comm.faults import FaultInjector, FaultPlan
 from mpitrain.comm.tags import TAG_LOSS
-from mpitrain.comm.transport import StepEvidence, Transport
+from mpitrain.comm.checks import StepEvidence
+from mpitrain.comm.transport import Transport
 from mpitrain.comm.wire import INLINE_MAX, MessageId
 from mpitrain.errors import SyncError
 

@@ -27,7 +27,7 @@ messages each rank counted as absent to the error message.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -63,6 +63,14 @@ def _lost_lines(comm, lost, step: int | None, fused: dict[int, int] | None = Non
             lines.append(f"rank {r} counted as absent: step {st}, {name}, {alg} {phase} "
                          f"chunk {chunk} from rank {src}")
     return lines
+
+
+class StepEvidence(NamedTuple):
+    """What the end-to-end checks of a step need from the transport (Transport.evidence)."""
+
+    lost: list  # every MessageId this rank counted absent so far
+    checksums: bool  # whether messages carried a checksum (same on every rank)
+    told: list[str]  # injected faults senders told this rank of, on this step
 
 
 def ranks_text(ranks: Sequence[int]) -> str:

@@ -14,24 +14,22 @@ discarded; a newer one arrived early (reordered) and is stashed (strict, lossy) 
 (reliable: the sender resends it in order).  A message can therefore never be taken for
 another, and the tag space stays tiny.
 
-A large payload is received straight into its destination (``out``) or a reused scratch
-buffer.  In strict delivery it is sent straight from the caller's buffer (``send(...,
-borrow=True)``, then :meth:`Transport.settle` before the buffer is written again);
-reliable delivery keeps a copy for retransmission, and a faulted message is copied.
-While a receive polls, the transport also watches the error channel, acknowledgements,
-retransmission timers and delayed messages (:meth:`Transport._background`).  Faults are
-injected at the sender (``injector``); with ``injector=None`` the send path costs one test
-more than a bare send.
+A large payload is received straight into ``out`` (or a scratch buffer) and, in strict
+delivery, sent from the caller's buffer (``borrow=True``; :meth:`Transport.settle` before it
+is written again).  A polling receive also runs the error channel, acknowledgements, timers
+and delayed messages (:meth:`Transport._background`).  Faults are injected at the sender;
+without an injector the send path costs one test more than a bare send.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 from mpi4py import MPI
 
 from mpitrain.comm.agreement import Agreement
+from mpitrain.comm.checks import StepEvidence
 from mpitrain.comm.delivery import make_delivery
 from mpitrain.comm.fault_mechanics import FaultMechanics, NoFaults
 from mpitrain.comm.outbox import Outbox
@@ -44,14 +42,6 @@ from mpitrain.comm.wire import (F_DROPPED, F_SPLIT, H_CRC, H_FLAGS, H_NBYTES, H_
 from mpitrain.trace import OFF, NoTrace
 
 _ABSENT = object()  # _accept's answer for a lossy tombstone
-
-
-class StepEvidence(NamedTuple):
-    """What the end-to-end checks of a step need from the transport (see evidence)."""
-
-    lost: list[MessageId]  # every message this rank counted absent so far
-    checksums: bool        # whether messages carried a checksum (same on every rank)
-    told: list[str]        # injected faults senders told this rank of, on this step
 
 
 class Transport:

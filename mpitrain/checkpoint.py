@@ -229,7 +229,7 @@ def check_fresh_start(out: Path, overwrite: bool) -> None:
 
     Also puts back an earlier run that an ``--overwrite`` run moved aside and then died
     before its first checkpoint (rank 0 only, before anything is written)."""
-    _put_back_replaced(out)
+    put_back(out)
     found = earlier_run(out)
     if found and not overwrite:
         checkpoints = list_checkpoints(out)
@@ -259,11 +259,8 @@ def set_aside(out: Path) -> None:
 
 
 def put_back(out: Path) -> None:
-    """The new run failed before its first checkpoint: restore the run it was replacing."""
-    _put_back_replaced(out)
-
-
-def _put_back_replaced(out: Path) -> None:
+    """Restore the run an ``--overwrite`` run was replacing, if that run failed (or died)
+    before its first checkpoint; what it wrote is removed.  A no-op without ``.replaced``."""
     aside = out / REPLACED
     if not aside.is_dir():
         return

@@ -109,7 +109,7 @@ def header_problem(hdr: tuple, mid: MessageId, seq: int, nbytes: int,
                    body: np.ndarray | None, sum_flag: int) -> str | None:
     """The one header check: None if ``hdr`` is message ``mid`` number ``seq``, ``nbytes``
     long (``body``: the payload at hand, None when it follows) and checksummed as this rank
-    does (``sum_flag``, see :func:`checksum_flag`).  Otherwise "checksum" when only the
+    does (``sum_flag``, see :func:`checksum_kind`).  Otherwise "checksum" when only the
     checksum kinds differ, "message" when it is another message altogether."""
     if hdr[:9] != (MAGIC, seq, mid.step, mid.layer, ALGORITHM_CODES[mid.algorithm],
                    PHASE_CODES[mid.phase], mid.chunk, mid.src, mid.dst) \

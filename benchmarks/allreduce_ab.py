@@ -2,15 +2,21 @@
 (optionally) the same algorithms from an older checkout of mpitrain/comm.
 
     mpiexec -n 2 python benchmarks/allreduce_ab.py [--old /tmp/oldtree] [--algorithms ring]
-        [--deliveries strict,lossy] [--checksums xxh3,crc32c,none] [-b 4 -e 64M -f 4]
-        [--iters 20] [--warmup 5]
+        [--deliveries strict,lossy] [--checksums xxh3,crc32c,none] [--segments 256K,1M]
+        [-b 4 -e 64M -f 4] [--iters 20] [--warmup 5]
 
 For each size, every variant runs one iteration in turn (native, ring/strict, old ring/strict,
 ...), ``--iters`` times after ``--warmup``, so load drift on a shared box hits all alike.  An
 iteration is timed like ``mpitrain bench allreduce`` (Barrier, then start+wait) and its time
-is the max over ranks; the table gives medians, busbw and each variant's time / native.
-``--old DIR`` loads DIR/mpitrain/comm/{transport,allreduce}.py as separate modules (e.g. a
-``git archive HEAD | tar -x -C DIR`` taken before a change).
+is the max over ranks; the table gives medians (``--stat min``: minima, the iterations a busy
+box disturbed least), busbw and each variant's time / native.
+``--old DIR`` loads DIR/mpitrain/comm/{segments,transport,allreduce}.py as separate modules (e.g. a
+``git archive HEAD | tar -x -C DIR`` taken before a change).  ``--segments`` adds, per size
+listed, variants whose split payloads travel in segments of that size
+(``mpitrain.comm.segments.SEGMENT_BYTES``, set before each of their iterations).
+``--unhashed`` adds, beside each xxh3 variant, one whose xxh3 calls return 0 during its
+iterations (the xxhash module swapped in ``mpitrain.comm.wire``): the checked path without
+the hashing, so the difference to xxh3 is what the hashing itself costs.
 """
 from __future__ import annotations
 
@@ -29,7 +35,27 @@ from mpi4py import MPI  # noqa: E402
 
 from mpitrain.tools.bench_allreduce import parse_size, sweep_sizes  # noqa: E402
 from mpitrain.comm import allreduce as new_ar  # noqa: E402
+from mpitrain.comm import segments  # noqa: E402
 from mpitrain.comm import transport as new_tr  # noqa: E402
+from mpitrain.comm import wire  # noqa: E402
+
+
+class Unhashed:
+    """Stands in for the xxhash module in mpitrain.comm.wire: the same calls, no hashing."""
+
+    class xxh3_64:
+        def __init__(self, *args) -> None:
+            pass
+
+        def update(self, data) -> None:
+            pass
+
+        def intdigest(self) -> int:
+            return 0
+
+    @staticmethod
+    def xxh3_64_intdigest(data) -> int:
+        return 0
 
 
 def load_old(root: str):
@@ -43,7 +69,11 @@ def load_old(root: str):
         sys.modules[name] = mod
         exec(compile(src, path, "exec"), mod.__dict__)
         return mod
-    tr = load("old_transport", f"{root}/mpitrain/comm/transport.py")
+    patch = None
+    if Path(f"{root}/mpitrain/comm/segments.py").exists():  # the old tree's, not this one's
+        load("old_segments", f"{root}/mpitrain/comm/segments.py")
+        patch = ("from mpitrain.comm.segments import", "from old_segments import")
+    tr = load("old_transport", f"{root}/mpitrain/comm/transport.py", patch)
     ar = load("old_allreduce", f"{root}/mpitrain/comm/allreduce.py",
               ("from mpitrain.comm.transport import", "from old_transport import"))
     return tr, ar
@@ -56,11 +86,16 @@ def main() -> int:
     ap.add_argument("--deliveries", default="strict")
     ap.add_argument("--checksums", default="xxh3",
                     help="xxh3, crc32c and/or none ([faults] checksum; current tree only)")
+    ap.add_argument("--segments", default="",
+                    help="segment sizes to compare (current tree, first checksum only)")
+    ap.add_argument("--unhashed", action="store_true",
+                    help="add xxh3 variants whose hashing is skipped (see the docstring)")
     ap.add_argument("-b", "--minbytes", default="4")
     ap.add_argument("-e", "--maxbytes", default="64M")
     ap.add_argument("-f", "--stepfactor", type=int, default=4)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--stat", choices=("median", "min"), default="median")
     ap.add_argument("--json")
     args = ap.parse_args()
     comm = MPI.COMM_WORLD.Dup()
@@ -80,11 +115,21 @@ def main() -> int:
                     t = tr.Transport(comm, delivery=delivery, deadline_s=60.0, **extra)
                     name = f"{tag}{algo}/{delivery}" + ("" if csum == "old" else f"/{csum}")
                     variants[name] = ar.make_allreducer(algo, comm, t)
+                    if args.unhashed and csum == "xxh3" and not tag:
+                        t = tr.Transport(comm, delivery=delivery, deadline_s=60.0, **extra)
+                        variants[f"{name}-unhashed"] = ar.make_allreducer(algo, comm, t)
+            for seg in filter(None, args.segments.split(",")):
+                csum = args.checksums.split(",")[0]
+                t = new_tr.Transport(comm, delivery=delivery, deadline_s=60.0, checksum=csum)
+                variants[f"{algo}/{delivery}/{csum}/seg{seg}"] = (
+                    parse_size(seg), new_ar.make_allreducer(algo, comm, t))
     counts = sweep_sizes(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor, dtype.itemsize)
     rows = []
+    default_segment = segments.SEGMENT_BYTES
+    hashing = wire.xxhash
     if rank == 0:
         print(f"# {size} ranks, float32, {args.iters} interleaved iterations (+{args.warmup}); "
-              f"time = median over iterations of the max over ranks")
+              f"time = {args.stat} over iterations of the max over ranks")
         print(f"# {'bytes':>10} " + " ".join(f"{v:>24}" for v in variants))
     for li, count in enumerate(counts):
         src = (np.arange(count, dtype=np.float64) % 97 + rank).astype(dtype)
@@ -94,6 +139,10 @@ def main() -> int:
         buf = np.empty_like(src)
         for it in range(args.warmup + args.iters):
             for name, ar in variants.items():
+                segments.SEGMENT_BYTES = default_segment
+                if isinstance(ar, tuple):
+                    segments.SEGMENT_BYTES, ar = ar
+                wire.xxhash = Unhashed if name.endswith("-unhashed") else hashing
                 buf[:] = src
                 comm.Barrier()
                 t0 = time.perf_counter()
@@ -106,7 +155,7 @@ def main() -> int:
         for name, ts in times.items():
             tmax = np.array(ts)
             comm.Allreduce(MPI.IN_PLACE, tmax, op=MPI.MAX)
-            med[name] = float(statistics.median(tmax))
+            med[name] = float(statistics.median(tmax) if args.stat == "median" else min(tmax))
         wrong = comm.allreduce(wrong, op=MPI.SUM)
         nbytes = count * dtype.itemsize
         row = {"bytes": nbytes, "wrong": wrong,

@@ -5,12 +5,15 @@ over the target: a reader (or a restarted job) sees the old file or the new one,
 of one.  Only rank 0 writes; replicas are identical, so its parameters are everyone's.
 
 A checkpoint ``checkpoints/step-00000120.npz`` holds the parameters under the
-parameter-file keys, the optimizer state under ``optim.*``, and ``meta`` (JSON: step,
-ranks, per-rank batch) so that a resume can refuse a run it would not reproduce.
+parameter-file keys, the optimizer state under ``optim.*``, and ``meta`` (JSON: step, the
+run's identity) so that a resume can refuse a run it would not reproduce.
 
 The resume policy lives here too: what a checkpoint and the run resuming it must share
 (:func:`resume_identity`: everything that changes the mathematics, the data's content
-included) and the collective :func:`restore`; and the rule that a fresh start never destroys
+included) and the collective :func:`restore`.  The rank count is not part of it: a run
+resumed on P' ranks keeps the global batch it started with (split unevenly where P' does
+not divide it, see shard.ShardSampler), so it continues the same mathematics -- elastic
+resume.  And the rule that a fresh start never destroys
 an earlier run: it refuses (:func:`check_fresh_start`), or with ``--overwrite`` moves the
 earlier run aside until the new one has written its first checkpoint.
 
@@ -119,10 +122,18 @@ def _may_change(name: str, allowed: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*RESUME_MAY_CHANGE, *allowed))
 
 
-def resume_identity(size: int, cfg: JobConfig, data_fingerprint: str) -> dict[str, Any]:
-    """Everything that makes a run the mathematics it is: the rank count, the data's content,
-    and every job key outside :data:`RESUME_MAY_CHANGE` (``section.key`` -> value)."""
-    identity: dict[str, Any] = {"ranks": size, "data.content": data_fingerprint}
+#: Identity keys that describe a run without defining it: the rank count it ran on, and the
+#: global batch -- which every resume keeps from the checkpoint (:func:`restore`).
+INFORMATION = ("ranks", "data.global_batch")
+
+
+def resume_identity(size: int, cfg: JobConfig, data_fingerprint: str,
+                    global_batch: int) -> dict[str, Any]:
+    """Everything that makes a run the mathematics it is: the data's content, the global
+    batch, and every job key outside :data:`RESUME_MAY_CHANGE` (``section.key`` -> value);
+    and, as information, the rank count."""
+    identity: dict[str, Any] = {"ranks": size, "data.global_batch": global_batch,
+                                "data.content": data_fingerprint}
     for sec in ("run", "data", "model", "optim", "sync", "faults"):
         for f in dataclasses.fields(getattr(cfg, sec)):
             name = f"{sec}.{f.name}"
@@ -136,15 +147,35 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: dataclasses.asdict(o)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """Where a resumed run starts: the checkpoint's ``step`` (0: none, a fresh start), the
+    allowed ``changed`` keys (``key -> (old, new)``), the ``ranks`` the checkpoint was written
+    on and the ``global_batch`` the run continues with."""
+
+    step: int
+    changed: dict[str, tuple[Any, Any]]
+    ranks: int
+    global_batch: int
+
+
+def kept_global_batch(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """The global batch a resumed run continues with: the checkpoint's (older checkpoints
+    did not record it: their per-rank batch times their rank count), unless the per-rank
+    batch itself was changed (``--allow-change data.batch_size``): then the new run's."""
+    if old.get("data.batch_size") != new["data.batch_size"]:
+        return int(new["data.global_batch"])
+    return int(old.get("data.global_batch") or old["data.batch_size"] * old["ranks"])
+
+
 def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Optimizer,
-            identity: dict[str, Any], allowed: Sequence[str] = ()
-            ) -> tuple[int, dict[str, tuple[Any, Any]]]:
+            identity: dict[str, Any], allowed: Sequence[str] = ()) -> Resumed:
     """Collective: load the newest checkpoint (read by rank 0, broadcast).
 
-    Returns (its step, the allowed changes ``key -> (old, new)``); (0, {}) when there is no
-    checkpoint (a fresh start).  Every rank raises the same error if rank 0 cannot read it,
-    or if it belongs to a different training: every key of ``identity`` that differs and is
-    not in ``allowed`` (patterns like ``optim.lr`` or ``optim.*``) is named.
+    Returns where the run resumes (:class:`Resumed`; step 0 when there is no checkpoint).
+    Every rank raises the same error if rank 0 cannot read it, or if it belongs to a
+    different training: every key of ``identity`` but :data:`INFORMATION` that differs and
+    is not in ``allowed`` (patterns like ``optim.lr`` or ``optim.*``) is named.
     """
     loaded: Any = None
     if ctx.is_root:
@@ -153,12 +184,12 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
             loaded = load(found[-1]) if found else None
         except MpitrainError as err:
             loaded = err
-    loaded = ctx.comm.bcast(loaded, root=0)
+    loaded = ctx.guard.bcast(loaded, "reading the checkpoint", 0)
     if isinstance(loaded, MpitrainError):
         loaded.reporter = 0
         raise loaded
     if loaded is None:
-        return 0, {}
+        return Resumed(0, {}, ctx.size, int(identity["data.global_batch"]))
     arrays, meta = loaded
     if "identity" not in meta:
         raise MpitrainError(f"the checkpoint of step {meta['step']} in {out} was written by an "
@@ -166,7 +197,8 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
                             hint="resume it with that version, or start afresh in a new "
                                  "[run] out", reporter=0)
     old = meta["identity"]
-    changed = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+    changed = {k: (old.get(k), v) for k, v in identity.items()
+               if old.get(k) != v and k not in INFORMATION}
     refused = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if not _may_change(k, allowed)]
     if refused:
         raise MpitrainError(
@@ -182,7 +214,7 @@ def restore(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP, optim: Opti
     except (MpitrainError, KeyError, ValueError) as exc:
         raise MpitrainError(f"the checkpoint of step {meta['step']} in {out} does not fit this "
                             f"job: {exc}", hint="use a new [run] out", reporter=0) from None
-    return int(meta["step"]), changed
+    return Resumed(int(meta["step"]), changed, int(old["ranks"]), kept_global_batch(old, identity))
 
 
 # --------------------------------------------------------------------------- earlier runs

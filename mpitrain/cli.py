@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("run_dir", help="the run's output folder")
     diagnose.set_defaults(func=cmd_diagnose)
 
+    doctor = sub.add_parser("doctor", help="which MPI mpi4py loads, its launcher, ULFM, "
+                            "CUDA-aware transfers, shared memory, and what to fix")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+
     _add_report_commands(sub)
 
     # The rest of the line goes to the benchmark tools unparsed (they have their own --help).
@@ -94,7 +99,25 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--restarts", type=int, default=0, metavar="N",
                      help="with -n: after a rank's death or an unrecovered synchronization "
                           "fault, relaunch from the newest checkpoint, up to N times")
-    run.set_defaults(func=cmd_run)
+    run.add_argument("--min-ranks", type=int, metavar="M",
+                     help="with --restarts: a rank that died is not replaced; relaunch on the "
+                          "ranks left, never fewer than M (the run resumes on them)")
+    run.add_argument("--srun", metavar="PMI",
+                     help="with -n: start the ranks as a step of this Slurm allocation, "
+                          "`srun --mpi=PMI -n P`, instead of mpiexec (jobs/slurm/train.sbatch)")
+    _add_host_arguments(run)
+    run.set_defaults(func=cmd_run, launcher_args=[])
+
+
+def _add_host_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--hosts`` / ``--hostfile`` of a command with ``-n P`` (see launch.launch_options)."""
+    hosts = parser.add_mutually_exclusive_group()
+    hosts.add_argument("--hosts", metavar="HOST[:SLOTS],...",
+                       help="with -n: run the ranks on these hosts (e.g. node1,node2 or "
+                            "node1:2,node2:2); arguments after `--` go to mpiexec as they are")
+    hosts.add_argument("--hostfile", metavar="FILE",
+                       help="with -n: run the ranks on the hosts listed in FILE (mpiexec's "
+                            "host file format)")
 
 
 def _add_config_parser(sub: argparse._SubParsersAction) -> None:
@@ -132,6 +155,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                          "training); default: val for a run folder on its own data, else all")
     ev.add_argument("-n", "--np", dest="nprocs", type=int, metavar="P",
                     help="start P ranks with the mpiexec that belongs to mpi4py")
+    _add_host_arguments(ev)
     ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -170,10 +194,14 @@ def _add_report_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # mpi4py warns when it sees another MPI's launcher variables; World.check_launcher says
-    # the same in one message with what to do, printed once.
+    # mpi4py warns when it sees another MPI's launcher variables; context.start_mpi says
+    # the same in one message with what to do, printed once, before MPI start-up aborts.
     warnings.filterwarnings("ignore", message="suspicious MPI execution environment")
+    from .context import defer_mpi_start
+    defer_mpi_start()
+    argv, launcher_args = _split_launcher_args(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    args.launcher_args = launcher_args
     try:
         return args.func(args) or 0
     except MpitrainError as err:  # raised before MPI started, or by a single process
@@ -188,21 +216,38 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _split_launcher_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``mpitrain run|evaluate ... -- ARGS``: (the line before ``--``, ARGS for mpiexec).
+    bench and simulate hand the rest of their line to their own parsers."""
+    if argv[:1] in (["run"], ["evaluate"]) and "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
 # --------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
     """``mpitrain run``: on every rank, set up and train the job; 0 after a normal end (the
     error exits are the session's).  With ``-n P``: become ``mpiexec -n P mpitrain run``."""
+    from .launch import launch_options
+    options = launch_options(args.nprocs, args.hosts, args.hostfile, args.launcher_args, "run")
     if args.nprocs is not None:
-        from .launch import launch_run
+        from .restarts import launch_run
         flags = (["--resume"] * args.resume + ["--overwrite"] * args.overwrite
                  + [f for key in args.allow_changes for f in ("--allow-change", key)])
         launch_run(args.nprocs, args.job, args.overrides, args.faults, flags,
-                   args.restarts)  # no return
-    if args.restarts:
-        raise ConfigError(f"--restarts {args.restarts} needs -n P: mpitrain relaunches only "
+                   args.restarts, args.min_ranks, options, args.srun)  # no return
+    if args.srun is not None:
+        raise ConfigError(f"--srun {args.srun} needs -n P: the ranks it starts",
+                          hint="use `mpitrain run -n P --srun PMI JOB` in a Slurm batch script")
+    if args.restarts or args.min_ranks is not None:
+        flag = f"--restarts {args.restarts}" if args.restarts else f"--min-ranks {args.min_ranks}"
+        raise ConfigError(f"{flag} needs -n P: mpitrain relaunches only "
                           f"the jobs it launched itself",
                           hint="use `mpitrain run -n P JOB --restarts N`, or your scheduler's "
                                "requeue (see jobs/slurm/train.sbatch)")
+    from .mpi_profiles import import_mpi
+    import_mpi()  # no MPI library: one message, before the modules that need it load
     from . import config, context, jobs, train
     from .session import session
     with session() as world:
@@ -217,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # aborts the job (see mpitrain.session) instead of leaving the others waiting.
         ctx.connect(world)
         summary = train.run(ctx, cfg, prepared, mode)
-        if world.rank == 0:
+        if ctx.is_root:  # after a shrink (recovery.py), world rank 0 may be gone
             _print_summary(summary)
         ctx.close()
     return 0
@@ -254,6 +299,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     report, code = diagnose(Path(args.run_dir))
     print(report)
     return code
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .tools.doctor import main as doctor_main
+    return doctor_main(json_output=args.json)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

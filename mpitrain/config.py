@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ConfigError
-from .schema import ALGORITHMS, DELIVERY_MODES, FaultRule, build, key, suggest, toml_value
+from .schema import (ALGORITHMS, DELIVERY_MODES, RECOVERY_MODES, FaultRule, build, key, suggest,
+                     toml_value)
 
 ENV_PREFIX = "MPITRAIN_"
 DEFAULT_EPOCHS = 10
@@ -105,6 +106,10 @@ class FaultsConfig:
                         doc="end-to-end checksum of every message in strict and reliable "
                             "delivery (lossy never checksums); none trusts MPI's own delivery")
     rules: list[FaultRule] = key([])
+    recovery: str = key("abort", choices=RECOVERY_MODES,
+                        doc="after a rank's death: abort (an attributed error; --restarts "
+                            "relaunches) or shrink (survivors train on in place; needs ULFM)")
+    min_ranks: int = key(1, lo=1, doc="shrink: the fewest ranks the job may go on with")
 
 
 TRACE_STEPS_ALLOWED = '"A-B" (steps A to B, 1 <= A <= B), "A" (one step) or "" (off)'

@@ -9,23 +9,25 @@ it).  That keeps the rest testable without MPI and makes every global input visi
 * the BLAS thread pool (one thread per rank by default: ranks of several BLAS threads
   each fight over the cores and run 3-10x slower);
 * the array module ``xp``: NumPy on the CPU, CuPy on the GPU (see backend.py), the GPU
-  chosen by the rank's place on its node;
-* the process's signals: a preemption signal becomes a flag the loop reads (StopSignal).
+  chosen by the rank's place on its node.
+
+The process's signals (a preemption becomes a flag the loop reads) are stop_signal.py's.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
-import signal
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .backend import array_module
-from .comm.waiting import Waiter
+from .comm.waiting import Waiter, spin_budget
 from .errors import LaunchError, MpitrainError
 
 if TYPE_CHECKING:
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
                       "SLURM_STEP_NUM_TASKS", "PMI_NUM_RANKS")
 
+
+FOREIGN_LAUNCHER_HINT = ("launch with the mpiexec that belongs to mpi4py (or `mpitrain run -n P "
+                         "JOB`; `mpitrain doctor` names it), or under Slurm with the matching "
+                         "PMI: srun --mpi=pmi2 for MPICH and Intel MPI, srun --mpi=pmix for "
+                         "Open MPI")
 
 # The folder where ranks started by ``mpitrain run -n P`` report that MPI is up and, when
 # they end on an error, their exit status (see mpitrain.launch).  Not MPITRAIN_*: those
@@ -77,9 +84,40 @@ def launcher_rank(env: dict[str, str] | None = None) -> int | None:
 
 
 def mpi():
-    """The MPI module, initialised on first use (importing mpi4py.MPI calls MPI_Init)."""
-    from mpi4py import MPI
+    """The MPI module (started by :func:`start_mpi`, or on import where nothing deferred it)."""
+    from .mpi_profiles import import_mpi
+    return import_mpi()
+
+
+def defer_mpi_start() -> None:
+    """Keep the first import of mpi4py.MPI from starting MPI, so that :func:`start_mpi` can
+    look at the launcher first.  The command line calls it before importing anything else;
+    without it (a script, pytest-mpi) MPI starts on import, as mpi4py's default is."""
+    import mpi4py
+    mpi4py.rc.initialize = False
+
+
+def start_mpi(env: dict[str, str]) -> Any:
+    """Start MPI in this process (once; returns the MPI module), after checking that the
+    launcher's environment belongs to the library mpi4py loads: another MPI's launcher makes
+    MPI start-up abort (MPICH under a PMIx launcher: "unsupported PMI version", exit 16)
+    or start P separate worlds, before any rank could say why.  A LaunchError then, which
+    the command line prints from the launcher's rank 0 only."""
+    MPI = mpi()
+    if MPI.Is_initialized():
+        return MPI
+    from .mpi_profiles import launcher_mismatch
+    problem = launcher_mismatch(env, MPI.Get_library_version())
+    if problem:
+        raise LaunchError(problem, hint=FOREIGN_LAUNCHER_HINT)
+    MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    atexit.register(_finalize, MPI)  # as mpi4py does for an MPI it started itself
     return MPI
+
+
+def _finalize(MPI: Any) -> None:
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
 
 
 @dataclass(frozen=True)
@@ -97,18 +135,19 @@ class World:
 
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.comm = mpi().COMM_WORLD
+        self.comm = start_mpi(env).COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.local_rank = node_local_rank(self.comm)
         launch_dir = env.get(LAUNCH_DIR_VAR)
         self.launch_dir = Path(launch_dir) if launch_dir else None
-        self._tell_launcher(f"started-{self.rank}", "")
+        self._tell_launcher(f"started-{self.rank}", f"{os.getpid()} {socket.gethostname()}")
 
     def record_exit(self, code: int) -> None:
         """Tell ``mpitrain run -n``'s supervisor the status this rank ends with (it makes
-        the job's status from the ranks' own, see mpitrain.launch)."""
-        self._tell_launcher(f"exit-{self.rank}", str(code))
+        the job's status from the ranks' own, see mpitrain.launch): ``exit-RANK`` for an
+        error, ``done-RANK`` for a normal end."""
+        self._tell_launcher(f"{'exit' if code else 'done'}-{self.rank}", str(code))
 
     def _tell_launcher(self, name: str, text: str) -> None:
         if self.launch_dir is not None:
@@ -136,9 +175,7 @@ class World:
             f"{what} but MPI sees a world of 1: every process is its own rank 0, training a "
             f"separate copy. mpi4py here uses {lib}; its launcher is "
             f"{os.path.join(os.path.dirname(sys.executable), 'mpiexec')}.",
-            hint="launch with the mpiexec that belongs to mpi4py (or `mpitrain run -n P JOB`), "
-                 "or under Slurm with the matching PMI: srun --mpi=pmi2 for the MPICH wheel, "
-                 "srun --mpi=pmix for Open MPI")
+            hint=FOREIGN_LAUNCHER_HINT)
 
     def all_present(self, timeout: float) -> bool:
         """Collective barrier that gives up after ``timeout`` seconds: are all ranks alive?
@@ -146,7 +183,10 @@ class World:
         Used on the way out after an error that every rank raised: a dead rank must not
         make the others wait forever.
         """
-        return Waiter(timeout).wait_for(self.comm.Ibarrier())
+        try:
+            return Waiter(timeout).wait_for(self.comm.Ibarrier())
+        except mpi().Exception:  # fault-tolerant MPI (ULFM) names a dead rank: not all there
+            return False
 
     @staticmethod
     def release_shared_memory() -> None:
@@ -197,6 +237,10 @@ class RankContext:
     ``comm`` is the harness's own duplicate of COMM_WORLD.  ``xp`` is numpy or cupy.
     ``oversubscribed``: this node runs more ranks than the CPUs they may use together, so
     a rank waiting on a peer should leave the core soon rather than spin (set by ``connect``).
+    ``guard``: the deadline-guarded native collectives on ``comm`` (set by ``connect``; see
+    :mod:`mpitrain.comm.guarded`), with its own error channel there: every collective of a
+    run outside the transport's checks goes through it, so a rank that dies or sticks is
+    named by the others within ``deadline_s`` (the job's ``[faults] deadline_ms``).
     """
 
     comm: Any
@@ -206,6 +250,9 @@ class RankContext:
     slurm: SlurmInfo
     _blas_limits: Any = field(repr=False, default=None)
     oversubscribed: bool = False
+    no_ulfm: str | None = "not checked"  # why :meth:`shrink` cannot work here (None: it can)
+    deadline_s: float = 10.0
+    guard: Any = None
 
     @property
     def is_root(self) -> bool:
@@ -226,34 +273,72 @@ class RankContext:
             limits.restore_original_limits()
             raise
         return cls(comm=None, rank=world.rank, size=world.size, xp=xp,
-                   slurm=SlurmInfo.from_env(env), _blas_limits=limits)
+                   slurm=SlurmInfo.from_env(env), _blas_limits=limits,
+                   deadline_s=cfg.faults.deadline_ms / 1e3, no_ulfm=_ulfm_problem(env))
+
+    def shrink(self) -> list[int]:
+        """Collective over the surviving ranks, after a peer's death: revoke the harness's
+        communicator (every rank still in a call on it gets MPI_ERR_REVOKED and comes here
+        too), shrink it to the ranks alive, and continue on that.  Returns the ranks, in the
+        old communicator's numbering, that are gone.  ``rank`` and ``size`` become the new
+        ones.  The old communicator is left unfreed: freeing is collective, and the dead
+        cannot take part.  Needs ULFM (:meth:`ulfm_problem` None).
+        """
+        MPI = mpi()
+        old = self.comm
+        old.Revoke()
+        self.comm = old.Shrink()
+        self.comm.Set_name("mpitrain")
+        kept = MPI.Group.Translate_ranks(self.comm.Get_group(), list(range(self.comm.Get_size())),
+                                         old.Get_group())
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        from .comm.guarded import GuardedComm  # the guarded collectives move with the comm
+        self.guard = GuardedComm(self.comm, None, self.deadline_s, self.oversubscribed)
+        return sorted(set(range(old.Get_size())) - set(kept))
 
     def sum_async(self, buf: Any) -> Any:
         """Start an in-place SUM of ``buf`` over all ranks; returns the MPI request."""
         MPI = mpi()
         return self.comm.Iallreduce(MPI.IN_PLACE, buf, MPI.SUM)
 
-    def sum(self, buf: Any) -> None:
-        """Collective: ``buf`` becomes its SUM over all ranks (in place, blocking)."""
-        MPI = mpi()
-        self.comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+    def sum(self, buf: Any, check: str, step: int | None) -> None:
+        """Collective: ``buf`` (a host array) becomes its SUM over all ranks, in place.
+        Deadline-guarded (:attr:`guard`): ``check`` and ``step`` name it in the error if a
+        rank does not arrive."""
+        buf[...] = self.guard.sum(buf, check, step)
 
     def connect(self, world: World) -> None:
-        """Collective: duplicate COMM_WORLD into the harness's own communicator, and find
-        out whether this node is oversubscribed."""
-        self.comm = world.comm.Dup()
+        """Collective: duplicate COMM_WORLD into the harness's own communicator, find out
+        whether this node is oversubscribed, and open the guarded collectives on it."""
+        from .comm.guarded import GuardedComm, duplicate  # imports mpi4py.MPI: MPI_Init
+        self.comm = duplicate(world.comm, self.deadline_s)
         self.comm.Set_name("mpitrain")
         self.oversubscribed = node_oversubscribed(self.comm)
+        self.guard = GuardedComm(self.comm, None, self.deadline_s, self.oversubscribed)
 
     def close(self) -> None:
-        """Free the duplicated communicator (collective: every rank calls it) and give the
-        BLAS thread pools back their original sizes."""
+        """Close the duplicated communicator (collective: every rank calls it, last; the
+        notices no rank waited for are taken, see mpitrain.comm.closing) and give the BLAS
+        thread pools back their original sizes."""
         if self.comm is not None:
-            self.comm.Free()
-            self.comm = None
+            from .comm.closing import close
+            # Closing also meets: a shrunk job's ranks leave without MPI_Finalize
+            # (mpitrain.recovery), which ULFM takes for a death, so no rank may leave while
+            # its peers are still in a collective with it (MPI_ERR_PROC_FAILED).
+            close(self.comm, self.deadline_s, spin_budget(0, self.oversubscribed))
+            self.comm = self.guard = None
         if self._blas_limits is not None:
             self._blas_limits.restore_original_limits()
             self._blas_limits = None
+
+
+def _ulfm_problem(env: dict[str, str]) -> str | None:
+    """Why this process cannot survive a peer's death in place (None: it can); see
+    :func:`mpitrain.mpi_profiles.ulfm_problem`."""
+    from .mpi_profiles import ulfm_problem
+    MPI = mpi()
+    return ulfm_problem(MPI.Get_library_version(),
+                        all(hasattr(MPI.Comm, name) for name in ("Revoke", "Shrink")), env)
 
 
 def node_local_rank(comm: Any) -> int:
@@ -302,32 +387,3 @@ def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
         return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError):
         return None
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGUSR1 (preemption, Slurm's --signal) into a flag read at step ends.
-
-    Installed for the training loop and removed by :meth:`restore`; a second signal before
-    the step boundary kills the process the default way.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.requested = 0
-        self._old: dict[int, Any] = {}
-        for sig in self.SIGNALS:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. embedded use): no preemption
-                pass
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:  # asked twice: the step boundary is not coming, stop now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.requested = 1
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

@@ -1,4 +1,4 @@
-"""Data sets and the sampler that gives each rank its shard.
+"""Data sets: loading, checking, and the validation split (each rank's shard: mpitrain.shard).
 
 A data set is a pair of host arrays ``x`` (n, features) and ``y`` (n,) integer labels or
 (n, k) targets; for ``source = "file"`` they are memory-mapped, so a rank only reads the
@@ -9,15 +9,6 @@ shapes and the zip CRC-32 of each .npz member; then (:func:`check_values`) every
 training and validation rows alike, each rank reading 1/P of the rows.  So bad data is one
 message naming the file, the array, the first bad row and what to do -- never a NaN loss
 many steps in, or a model trained on a flipped byte.
-
-Sharding (:class:`ShardSampler`) is a pure function of (seed, epoch, rank, size): the epoch's
-order is a permutation drawn from (seed, epoch) alone -- the same on every rank and for every
-rank count -- and global step k of the epoch takes the next ``size * batch_size`` samples of
-it, rank r the r-th block of ``batch_size``.  So with per-rank batch b, P ranks see exactly
-the samples one process sees with batch P*b, shuffled or not.  Nothing is ever padded with
-duplicated samples: the last partial global batch is dropped (``tail = "drop"``) or split
-over the ranks as far as it goes (``tail = "weighted"``; ranks past the end get no samples and
-every sample is weighted by 1/(samples in the global batch), so the mean stays exact).
 """
 from __future__ import annotations
 
@@ -318,41 +309,8 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-class ShardSampler:
-    """Which samples rank ``rank`` of ``size`` uses at each step (see the module docstring)."""
-
-    def __init__(self, indices: np.ndarray, batch_size: int, rank: int, size: int, seed: int,
-                 shuffle: bool, tail: str):
-        self.indices, self.batch_size = indices, batch_size
-        self.rank, self.size, self.seed = rank, size, seed
-        self.shuffle, self.tail = shuffle, tail
-        self.global_batch = batch_size * size
-        n = len(indices)
-        if tail == "drop":
-            self.steps_per_epoch = n // self.global_batch
-        else:
-            self.steps_per_epoch = -(-n // self.global_batch)
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The epoch's sample order: a function of (seed, epoch) only, never of rank or size."""
-        if not self.shuffle:
-            return self.indices
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xE90C, epoch]))
-        return self.indices[rng.permutation(len(self.indices))]
-
-    def shard(self, epoch: int, step_in_epoch: int, order: np.ndarray | None = None
-              ) -> tuple[np.ndarray, int]:
-        """(this rank's sample indices, samples in the whole global batch) for one step."""
-        if order is None:
-            order = self.epoch_order(epoch)
-        start = step_in_epoch * self.global_batch
-        batch = order[start:start + self.global_batch]
-        mine = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return mine, len(batch)
-
-
 def check_fits(dataset: Dataset, n_train: int, out_width: int, loss: str, batch_size: int,
-               size: int, tail: str) -> None:
+               size: int, tail: str, global_batch: int | None = None) -> None:
     """The data must fit the model's output layer and loss, and give every rank a batch."""
     if loss == "cross_entropy" and dataset.classes is None:
         y = np.asarray(dataset.y)
@@ -367,9 +325,14 @@ def check_fits(dataset: Dataset, n_train: int, out_width: int, loss: str, batch_
     if n_train < size:
         raise DataError(f"{size} ranks but only {n_train} training samples: every rank needs "
                         f"at least one", hint="use fewer ranks or more data")
-    global_batch = batch_size * size
+    if global_batch is not None and global_batch < size:
+        raise DataError(f"{size} ranks but the run's global batch is {global_batch} samples: "
+                        f"every rank needs at least one", hint=f"use at most {global_batch} ranks")
+    how = (f"{size} ranks x batch_size {batch_size} = " if global_batch is None else
+           "kept from the run's start: ")
+    global_batch = global_batch or batch_size * size
     if tail == "drop" and n_train < global_batch:
-        raise DataError(f"the global batch ({size} ranks x batch_size {batch_size} = "
+        raise DataError(f"the global batch ({how}"
                         f"{global_batch}) is larger than the {n_train} training samples, so "
                         f"tail = \"drop\" leaves no step",
                         hint="lower [data] batch_size, use fewer ranks, or set "

@@ -1,12 +1,20 @@
 """``-n P``: run a command under ``mpiexec -n P``, with the launcher of mpi4py's MPI, and watch it.
 
-Used by ``mpitrain run -n P`` (:func:`launch_run`) and ``mpitrain bench SUB -n P``
-(:func:`run_under_mpiexec`).  The launching process starts no MPI itself: it asks mpi4py
-which library it uses, checks that this machine can hold P ranks, starts mpiexec as a child
-in its own process group, and stays as its supervisor:
+The launch line itself (flags, environment, hosts, ULFM) comes from the MPI's launcher
+profile, :func:`mpitrain.mpi_profiles.launch_command`.
+
+Used by ``mpitrain run -n P`` (mpitrain.restarts.launch_run), ``mpitrain evaluate -n P`` and
+``mpitrain bench SUB -n P`` (:func:`exec_under_mpiexec`), each with ``--hosts``/``--hostfile``
+and mpiexec's own arguments after ``--`` (:func:`launch_options`).  The launching process
+starts no MPI itself: it asks mpi4py which library it uses, checks that this machine can
+hold P ranks, starts mpiexec as a child in its own process group, and stays as its
+supervisor:
 
 * signals (Ctrl-C, SIGTERM, SIGUSR1 of a preempting scheduler, SIGHUP) are passed on to the
-  whole group, as a terminal would pass them to a foreground job;
+  whole group, as a terminal would pass them to a foreground job, and to each local rank
+  itself (Open MPI's ranks have process groups of their own, and its launcher would turn a
+  Ctrl-C into a SIGTERM, i.e. a preemption: it gets those signals only before the ranks
+  are up);
 * start-up has a deadline: each rank drops a file into a launch folder once MPI is up
   (``context.World``); a job whose ranks have not all arrived in time is stopped with one
   message instead of hanging in MPI start-up;
@@ -17,20 +25,20 @@ in its own process group, and stays as its supervisor:
 * the exit status is the job's, made deterministic: each rank that ends on an error records
   its status there too (``session``), and the most meaningful one wins over what mpiexec
   reports (MPICH's hydra ORs the statuses: a crashed rank's 70 with the survivors' 3 is 71);
-* ``--restarts N`` relaunches a run that ended on a rank's death or an unrecovered
-  synchronization fault from its newest checkpoint, up to N times, with a growing pause;
-  each restart is a line on the terminal and an event in the run's events.jsonl.  A bug (1),
-  bad input (2), a preemption (75) and a job stopped by a signal to the launcher (Ctrl-C,
-  SIGTERM) are never retried; any other failure -- a synchronization fault (3), a crashed or
-  killed rank, whatever status the MPI launcher makes of it -- is.
+* a launcher killed by SIGPIPE after every rank it started here has completed ended a
+  job that succeeded: with ``-disable-auto-cleanup`` and ranks on more than one host,
+  MPICH's hydra tells every other proxy of each rank that exits -- also at a normal end --
+  and the proxy it writes to may have exited already (2 hosts: about one run in four;
+  see :func:`job_status`);
+* ``--restarts N`` relaunches a failed run (mpitrain.restarts).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,104 +46,102 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import config, jobs
 from .context import LAUNCH_DIR_VAR, environment, mpi_launcher_rank
-from .errors import PREEMPTED_EXIT, ConfigError, LaunchError
+from .errors import CRASH_EXIT, PREEMPTED_EXIT, ConfigError, LaunchError
+from .mpi_profiles import (LaunchOptions, Profile, check_hosts_resolve, current_profile,
+                           launch_command)
 
-OPENMPI_LOCAL_ENV = {  # what a local Open MPI launch as root, on a small machine, needs
-    "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm",
-}
 RANKS_PER_CPU_MAX = 8      # beyond this a local job only thrashes (and MPI start-up may hang)
 RANK_MEMORY_BYTES = 200e6  # what one rank needs at least: Python, NumPy, mpi4py, MPI buffers
 STARTUP_S = 60.0           # start-up deadline: this, plus ...
 STARTUP_S_PER_RANK = 1.0   # ... this per rank
 EXIT_GRACE_S = 15.0        # after a rank ended on an error, the others have this long to end
-NOT_RETRIED = (0, 1, 2, PREEMPTED_EXIT, 130)  # success, a bug, bad input, preempted, Ctrl-C
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
-def launch_run(nprocs: int, job: str | None, overrides: list[str], faults: list[str],
-               start_flags: list[str], restarts: int = 0) -> NoReturn:
-    """Run ``mpitrain run`` with these arguments under ``mpiexec -n NPROCS``; exit with the
-    job's status (``start_flags``: --resume, --overwrite, --allow-change KEY, passed on as
-    they are).  With ``restarts``, relaunch with --resume after a death or a sync fault."""
-    if restarts < 0:
-        raise ConfigError(f"--restarts {restarts}: must be >= 0")
-    overrides = list(overrides)
-    # Check the job before starting any rank, and keep the progress bar: under mpiexec the
-    # ranks write into pipes, so they cannot see that the user is at a terminal.
-    cfg = config.load(jobs.resolve(job), overrides, environment(),
-                      extra_rules=[config.parse_fault(f) for f in faults])
-    if cfg.run.progress == "auto" and sys.stderr.isatty():
-        overrides.append('run.progress="bar"')
-    argv = ["-m", "mpitrain", "run", *([job] if job else [])]
-    for o in overrides:
-        argv += ["--set", o]
-    for f in faults:
-        argv += ["--fault", f]
-    # Keep the other ranks alive when one dies, so they can say which one did (hydra's
-    # default kills them all at once, silently).  A rank that fails alone still takes the
-    # job down with MPI_Abort.
-    status = run_under_mpiexec(nprocs, argv + start_flags, keep_survivors=True)
-    for attempt in range(1, restarts + 1):
-        if status in NOT_RETRIED or _signalled:
-            break
-        pause = min(30.0, 2.0 ** (attempt - 1))
-        print(f"mpitrain: restart {attempt} of {restarts} in {pause:g} s: the run ended with "
-              f"status {status}; resuming from its newest checkpoint", file=sys.stderr, flush=True)
-        _record_restart(cfg.out_dir(environment().get("SLURM_JOB_ID")), attempt, status)
-        time.sleep(pause)
-        resume = [f for f in start_flags if f != "--overwrite"]
-        resume += [] if "--resume" in resume else ["--resume"]
-        status = run_under_mpiexec(nprocs, argv + resume, keep_survivors=True)
-    sys.exit(status)
-
-
-def _record_restart(out: Path, attempt: int, status: int) -> None:
-    """An event in the run's events.jsonl (the resumed run keeps records up to its step)."""
-    from .checkpoint import list_checkpoints
-    found = list_checkpoints(out)
-    step = int(found[-1].stem.split("-")[1]) if found else 0
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "events.jsonl", "a") as fh:
-        fh.write(json.dumps({"event": "restart", "step": step, "attempt": attempt,
-                             "previous_status": status, "t": time.time()}) + "\n")
-
-
-def run_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool = False) -> int:
+def run_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool = False,
+                      options: LaunchOptions = LaunchOptions(),
+                      records: dict[str, str] | None = None) -> int:
     """Run ``mpiexec -n NPROCS python PYTHON_ARGS`` under supervision (see the module
-    docstring); returns the job's exit status."""
-    argv, env = mpiexec_command(nprocs, python_args, keep_survivors)
-    launch_dir = Path(tempfile.mkdtemp(prefix="mpitrain-launch-"))
+    docstring); returns the job's status.  ``records`` gets what the ranks left in the
+    launch folder (``started-R``, ``exit-R``, ``done-R`` -> text), for mpitrain.restarts."""
+    profile = current_profile()
+    argv, env = mpiexec_command(nprocs, python_args, keep_survivors, options, profile)
+    if options.hosts:
+        check_hosts_resolve(options.hosts)
+    # Ranks on other hosts cannot drop files into this machine's launch folder (unless it
+    # is shared): there, only the local ones are counted, and start-up is not timed.
+    local = not options.multi_host
+    vanished = keep_survivors and profile.keep_survivors_exits_zero and local
+    return run_supervised(argv, env, nprocs, records, profile=profile, timed_start=local,
+                          vanished_is_crash=vanished, survivable=options.fault_tolerant)
+
+
+def run_supervised(argv: list[str], env: dict[str, str], nprocs: int,
+                   records: dict[str, str] | None = None, launch_parent: Path | None = None,
+                   profile: Profile | None = None, timed_start: bool = True,
+                   vanished_is_crash: bool = False, survivable: bool = False) -> int:
+    """Run ``argv``, a launcher (mpiexec, srun) starting NPROCS ranks of mpitrain, under
+    supervision; returns the job's status.  The ranks report into a launch folder made in
+    ``launch_parent`` (default: the temporary folder; across nodes it must be shared).
+    ``vanished_is_crash``: the launcher's own status says nothing (Open MPI keeping
+    survivors exits 0), so a rank that left no record counts as crashed.  ``survivable``:
+    the ranks survive a peer's death in place (ULFM), so a vanished rank ends nothing."""
+    profile = profile or current_profile()
+    launch_dir = Path(tempfile.mkdtemp(prefix="mpitrain-launch-", dir=launch_parent))
+    env = dict(env)
     env[LAUNCH_DIR_VAR] = str(launch_dir)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         proc = subprocess.Popen(argv, env=env, start_new_session=True,
                                 preexec_fn=_die_with_parent)
-        status = _supervise(proc, nprocs, launch_dir)
-        return _job_status(status, launch_dir)
+        status = _supervise(proc, nprocs, launch_dir, profile, timed_start, survivable)
+        if signal.SIGINT in _signalled and not any(launch_dir.glob("exit-*")):
+            return 130  # Ctrl-C: what each MPI's launcher makes of it differs
+        return job_status(status, launch_dir, nprocs, profile, vanished_is_crash)
     finally:
+        if records is not None:
+            records.update({p.name: p.read_text() for p in launch_dir.iterdir()})
         shutil.rmtree(launch_dir, ignore_errors=True)
 
 
-def exec_under_mpiexec(nprocs: int, python_args: list[str],
-                       keep_survivors: bool = False) -> NoReturn:
+def exec_under_mpiexec(nprocs: int, python_args: list[str], keep_survivors: bool = False,
+                       options: LaunchOptions = LaunchOptions()) -> NoReturn:
     """:func:`run_under_mpiexec`, then exit with the job's status."""
-    sys.exit(run_under_mpiexec(nprocs, python_args, keep_survivors))
+    sys.exit(run_under_mpiexec(nprocs, python_args, keep_survivors, options))
 
 
-def mpiexec_command(nprocs: int, python_args: list[str],
-                    keep_survivors: bool = False) -> tuple[list[str], dict[str, str]]:
+def launch_options(nprocs: int | None, hosts: str | None, hostfile: str | None,
+                   launcher_args: list[str], command: str) -> LaunchOptions:
+    """The placement a command's ``-n P`` launch asks for (``--hosts``, ``--hostfile``,
+    arguments after ``--``); a ConfigError when one is given without ``-n P``, which is the
+    launch they describe (``command`` names the command in the hint)."""
+    given = [name for name, value in (("--hosts needs", hosts), ("--hostfile needs", hostfile),
+                                      ("launcher arguments after -- need", launcher_args))
+             if value]
+    if given and nprocs is None:
+        raise ConfigError(f"{given[0]} -n P: they tell mpitrain's own mpiexec where and how "
+                          f"to start the ranks",
+                          hint=f"use `mpitrain {command} -n P --hosts a,b ... -- ARGS`, or give "
+                               f"the hosts to the mpiexec or srun that you launch yourself")
+    if hosts and hostfile:
+        raise ConfigError("--hosts and --hostfile both given: the ranks' hosts come from one",
+                          hint="keep one of them")
+    return LaunchOptions(hosts, hostfile, tuple(launcher_args))
+
+
+def mpiexec_command(nprocs: int, python_args: list[str], keep_survivors: bool = False,
+                    options: LaunchOptions = LaunchOptions(),
+                    profile: Profile | None = None) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) of ``mpiexec -n NPROCS python PYTHON_ARGS``.
 
-    Uses the mpiexec that belongs to mpi4py's MPI (another MPI's launcher silently starts
-    NPROCS separate rank-0 jobs), with what a local run needs: one BLAS thread per rank, and
-    for Open MPI the settings for root and oversubscription.  ``keep_survivors`` passes
-    MPICH's -disable-auto-cleanup (the ranks must then ignore SIGUSR1 outside training,
-    which :func:`mpitrain.session.session` does).
+    Refuses a launch from inside an MPI job and, for a job on this machine alone, a P it
+    cannot hold; the rest is :func:`mpitrain.mpi_profiles.launch_command` (the mpiexec that
+    belongs to mpi4py's MPI, its settings for root, oversubscription and transports, one
+    BLAS thread per rank).  ``keep_survivors`` keeps the other ranks alive when one dies
+    (the ranks must then ignore SIGUSR1 outside training, which
+    :func:`mpitrain.session.session` does: hydra sends it to the others when a rank exits).
     """
     if nprocs < 1:
         raise ConfigError(f"-n {nprocs}: the number of ranks must be >= 1")
@@ -146,25 +152,10 @@ def mpiexec_command(nprocs: int, python_args: list[str],
                           f"{nprocs} ranks of its own",
                           hint="launch with either `mpitrain run -n P` or mpiexec/srun, "
                                "not both")
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        raise LaunchError(f"no mpiexec next to {sys.executable}",
-                          hint="install MPI from PyPI into this environment (pip install mpich), "
-                               "or launch with your cluster's mpiexec/srun yourself")
-    check_resources(nprocs)
-    import mpi4py
-    mpi4py.rc.initialize = False  # only ask which library; do not start MPI in the launcher
-    from mpi4py import MPI
-    library = MPI.Get_library_version()
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    if "Open MPI" in library:
-        for k, v in OPENMPI_LOCAL_ENV.items():
-            env.setdefault(k, v)
-    argv = [str(mpiexec), "-n", str(nprocs)]
-    if keep_survivors and "MPICH" in library:
-        argv.append("-disable-auto-cleanup")
-    return argv + [sys.executable, *python_args], env
+    if not options.multi_host:
+        check_resources(nprocs)
+    return launch_command(nprocs, [sys.executable, *python_args], options,
+                          keep_survivors=keep_survivors, profile=profile)
 
 
 def check_resources(nprocs: int, cpus: int | None = None, free: float | None = None) -> None:
@@ -198,14 +189,23 @@ def _available_memory() -> float:
 _signalled: list[int] = []  # signals passed on to the job: a stopped job is not restarted
 
 
-def _supervise(proc: subprocess.Popen, nprocs: int, launch_dir: Path) -> int:
-    """Wait for mpiexec, passing signals on to its group and enforcing the start-up deadline."""
+def signalled() -> bool:
+    """Whether the supervisor passed a signal on to a job (Ctrl-C, SIGTERM ...)."""
+    return bool(_signalled)
+
+
+def _supervise(proc: subprocess.Popen, nprocs: int, launch_dir: Path, profile: Profile,
+               timed_start: bool = True, survivable: bool = False) -> int:
+    """Wait for mpiexec, passing signals on (to its group, or to the ranks themselves where
+    the profile says so) and, with ``timed_start``, enforcing the start-up deadline."""
     def forward(signum: int, frame: Any) -> None:
         _signalled.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        ranks = list(_rank_pids(launch_dir).values()) if signum in profile.rank_signals else []
+        for pid in ranks or [-proc.pid]:  # before the ranks are up: the launcher's group
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     old = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
@@ -216,14 +216,15 @@ def _supervise(proc: subprocess.Popen, nprocs: int, launch_dir: Path) -> int:
                 return proc.wait(timeout=0.05)
             except subprocess.TimeoutExpired:
                 pass
-            if first_exit is None and any(launch_dir.glob("exit-*")):
+            if first_exit is None and (any(launch_dir.glob("exit-*"))
+                                       or (not survivable and _vanished(launch_dir))):
                 first_exit = time.monotonic()
             elif first_exit is not None and time.monotonic() > first_exit + EXIT_GRACE_S:
                 _stop(proc)  # a rank outlived the error its peers ended on: stuck
                 return proc.wait()
             if started < nprocs:
                 started = len(list(launch_dir.glob("started-*")))
-                if started < nprocs and time.monotonic() > deadline:
+                if started < nprocs and timed_start and time.monotonic() > deadline:
                     _stop(proc)
                     raise LaunchError(
                         f"MPI start-up did not finish: {started} of {nprocs} ranks were up "
@@ -233,6 +234,51 @@ def _supervise(proc: subprocess.Popen, nprocs: int, launch_dir: Path) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _rank_pids(launch_dir: Path) -> dict[int, int]:
+    """rank -> process id of the ranks on this machine that came up (context.World writes
+    "PID HOST" into ``started-RANK``)."""
+    pids, host = {}, socket.gethostname()
+    for path in launch_dir.glob("started-*"):
+        try:
+            pid, where = path.read_text().split()
+            if where == host:
+                pids[int(path.name.split("-")[1])] = int(pid)
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _vanished(launch_dir: Path) -> bool:
+    """Whether a rank on this machine is gone without a word (SIGKILL, the OOM killer): it
+    came up, left no status, and its process no longer exists.  Its peers then have
+    :data:`EXIT_GRACE_S` to end, as after a reported error; a launcher that leaves them
+    waiting (srun after a task's death) does not keep the job hanging."""
+    for rank, pid in _rank_pids(launch_dir).items():
+        if not (launch_dir / f"exit-{rank}").exists() and \
+                not (launch_dir / f"done-{rank}").exists() and not _alive(pid):
+            return True
+    return False
+
+
+def _all_completed(launch_dir: Path) -> bool:
+    """Whether every rank that came up on this machine completed (``done-R``): then every
+    rank has passed the closing handshake (mpitrain.comm.closing), and what the others do
+    after it is MPI_Finalize and exit."""
+    started = {path.name.split("-")[1] for path in launch_dir.glob("started-*")}
+    done = {path.name.split("-")[1] for path in launch_dir.glob("done-*")}
+    return bool(started) and started <= done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _die_with_parent() -> None:
@@ -259,9 +305,23 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def _job_status(status: int, launch_dir: Path) -> int:
-    """The job's status: what the ranks that ended on an error recorded (a bug first, then
-    a synchronization fault, then the rest), else mpiexec's own."""
+def job_status(launcher_status: int, launch_dir: Path, nprocs: int, profile: Profile,
+               keep_survivors: bool, local: bool = True) -> int:
+    """The status of a job that ``mpiexec`` ran (it exited ``launcher_status``) with
+    ``nprocs`` ranks recording their ends in ``launch_dir`` (:data:`LAUNCH_DIR_VAR`,
+    ``context.World.record_exit``), the same under every MPI.
+
+    What the ranks that ended on an error recorded wins (a bug first, then a
+    synchronization fault, then the rest), else mpiexec's own status.  With
+    ``keep_survivors`` Open MPI's launcher exits 0 whatever the ranks did: there each
+    ``local`` rank must have recorded its end, and one that did not crashed or was killed
+    (:data:`CRASH_EXIT`) -- unless the survivors went on without it and completed
+    (``lost-R``, mpitrain.recovery).  A launcher killed by SIGPIPE once every rank that
+    came up here completed ended a job that succeeded (0): MPICH's hydra, keeping
+    survivors, tells the other proxies of every exit and dies writing to one that has
+    exited already (the module docstring).  Called once mpiexec has ended, by
+    :func:`run_supervised` and by the tests that start mpiexec themselves (tests/mpirun.py).
+    """
     recorded = set()
     for path in launch_dir.glob("exit-*"):
         try:
@@ -271,6 +331,15 @@ def _job_status(status: int, launch_dir: Path) -> int:
     for code in (1, 3, 2, PREEMPTED_EXIT):
         if code in recorded:
             return code
-    if status < 0:  # mpiexec itself was killed by a signal
-        return 128 - status
-    return min(recorded) if recorded else status
+    if launcher_status == -signal.SIGPIPE and _all_completed(launch_dir):
+        return 0  # hydra's notice of a normal exit, to a proxy that had exited already
+    if launcher_status < 0:  # mpiexec itself was killed by a signal
+        return 128 - launcher_status
+    if recorded:
+        return min(recorded)
+    silent = keep_survivors and profile.keep_survivors_exits_zero and local
+    ended = len(list(launch_dir.glob("done-*")))
+    lost = {rank for path in launch_dir.glob("lost-*") for rank in path.read_text().split()}
+    if lost and ended + len(lost) == nprocs:
+        return 0  # recovered in place: every rank either finished or was shrunk away
+    return CRASH_EXIT if silent and launcher_status == 0 and ended < nprocs else launcher_status

@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import checkpoint
 from .comm import outcome
+
+if TYPE_CHECKING:  # not at run time: it imports mpi4py.MPI (MPI_Init)
+    from .comm.guarded import GuardedComm
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -49,19 +52,34 @@ class Metrics:
         self._plain = False
         self._window = [0, 0.0]  # samples and seconds since the last plain progress line
         self._rate: float | None = None  # moving average of samples/s for the progress bar
-        if not active:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_after(out / "metrics.jsonl", start_step)
-        _truncate_after(out / "events.jsonl", start_step)
-        self._metrics = open(out / "metrics.jsonl", "a", buffering=1)
-        self._events = open(out / "events.jsonl", "a", buffering=1)
+        self._progress = progress
+        if active:
+            self._open(start_step)
+
+    def _open(self, start_step: int, keep_events: bool = False) -> None:
+        """Open the files, dropping records of steps after ``start_step`` (events too, unless
+        ``keep_events``); start the display."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.out / "metrics.jsonl", start_step)
+        if not keep_events:
+            _truncate_after(self.out / "events.jsonl", start_step)
+        self._metrics = open(self.out / "metrics.jsonl", "a", buffering=1)
+        self._events = open(self.out / "events.jsonl", "a", buffering=1)
         tty = sys.stderr.isatty()
-        if progress == "bar" or (progress == "auto" and tty):
+        if self._progress == "bar" or (self._progress == "auto" and tty):
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+            self._bar = tqdm(total=self.total, initial=start_step, unit="step",
                              dynamic_ncols=True, file=sys.stderr, mininterval=0.2)
-        self._plain = progress == "plain" or (progress == "auto" and not tty)
+        self._plain = self._progress == "plain" or (self._progress == "auto" and not tty)
+
+    def rewind(self, step: int, active: bool) -> None:
+        """Continue after ``step`` (metrics of later steps are dropped: they are redone;
+        events are kept: they tell what happened), on this rank if ``active`` -- a survivor
+        that became rank 0 after a shrink takes over."""
+        self.close()
+        self._bar, self.active = None, active
+        if active:
+            self._open(step, keep_events=True)
 
     def records(self) -> list[dict]:
         """The metrics records written so far (rank 0; empty elsewhere)."""
@@ -127,13 +145,18 @@ class Metrics:
             self._events.close()
 
 
-def report_transport(comm: Any, stats: dict[str, float], metrics: Metrics, step: int) -> None:
-    """Collective: sum the transport counters over ranks; rank 0 records them as a
-    "transport" event and, when faults cost something, tells the user what."""
+END_OF_RUN = "the end-of-run report"  # names the end's collectives when a rank is missing
+
+
+def report_transport(guard: GuardedComm, stats: dict[str, float], metrics: Metrics,
+                     step: int) -> None:
+    """Collective (``guard``: the rank's guarded collectives): sum the transport counters
+    over ranks; rank 0 records them as a "transport" event and, when faults cost something,
+    tells the user what."""
     if not stats:
         return
     keys = sorted(stats)
-    totals = comm.allreduce(np.array([stats[k] for k in keys], dtype=np.float64))  # SUM
+    totals = guard.sum(np.array([stats[k] for k in keys], dtype=np.float64), END_OF_RUN, step)
     total = dict(zip(keys, totals.tolist()))
     metrics.event("transport", step, **total)
     if total["retransmissions"] or total["lost"] or total["corrupt_detected"]:
@@ -144,11 +167,12 @@ def report_transport(comm: Any, stats: dict[str, float], metrics: Metrics, step:
                      f"{int(total['stale_discarded'])} duplicates/stale discarded")
 
 
-def report_fault_outcome(comm: Any, transport: Any, metrics: Metrics, step: int,
+def report_fault_outcome(guard: GuardedComm, transport: Any, metrics: Metrics, step: int,
                          delivery: str, warned_steps: set[int]) -> None:
-    """Collective: what every injected message fault did (see comm/outcome.py); rank 0
-    prints one line and records a "fault_outcome" event."""
-    rows = outcome.gather(comm, transport)
+    """Collective (``guard``: the rank's guarded collectives): what every injected message
+    fault did (see comm/outcome.py); rank 0 prints one line and records a "fault_outcome"
+    event."""
+    rows = outcome.gather(guard, transport, END_OF_RUN, step)
     if rows is None:
         return
     classes = outcome.classify(rows, delivery, warned_steps)

@@ -44,6 +44,9 @@ MESSAGE_KINDS = ("drop", "delay", "corrupt", "duplicate", "reorder")  # act on o
 COLLECTIVE_KINDS = ("crash", "slow")  # act on a rank at the start of a collective
 FAULT_KINDS = MESSAGE_KINDS + COLLECTIVE_KINDS
 CORRUPT_MODES = ("bitflip", "nan")
+# What the survivors of a rank's death do: "abort" ends the job with an attributed error (a
+# restart relaunches it); "shrink" carries on in place without the dead (ULFM, recovery.py).
+RECOVERY_MODES = ("abort", "shrink")
 
 
 # --------------------------------------------------------------------------- declarations
@@ -229,6 +232,21 @@ class PlanScope:
     algorithm: str
     buckets: Sequence[tuple[int, int]] = ()  # (lo, hi) of fused allreduces
     bucket_bytes: int = 0
+    #: A resume on another rank count: the ranks of the run it continues (the checkpoint's).
+    #: A rule naming a rank that run had and this one lacks is inert (nothing to act on),
+    #: not refused: the plan was valid where it started.  0: a fresh start.
+    resumed_from: int = 0
+    #: False for a resume whose checkpoint is not read yet: rank filters wait for it.
+    check_ranks: bool = True
+
+
+def inert_rules(rules: Sequence[FaultRule], size: int) -> list[int]:
+    """The indices of the rules that cannot hit anything on ``size`` ranks: the rank a crash
+    or slow rule acts on, or a message rule's src or dst (both must match), is >= ``size``."""
+    def named(rule: FaultRule) -> tuple[int | None, ...]:
+        return (rule.target_rank,) if rule.kind in COLLECTIVE_KINDS else (rule.src, rule.dst)
+    return [i for i, rule in enumerate(rules)
+            if any(r is not None and r >= size for r in named(rule))]
 
 
 def validate_plan(rules: Sequence[FaultRule], scope: PlanScope,
@@ -243,11 +261,14 @@ def validate_plan(rules: Sequence[FaultRule], scope: PlanScope,
 
 
 def _validate_rule(rule: FaultRule, s: PlanScope, label: str) -> None:
+    ranks = max(s.size, s.resumed_from)
     for name in ("src", "dst", "rank"):
         value = getattr(rule, name)
-        if value is not None and value >= s.size:
+        if s.check_ranks and value is not None and value >= ranks:
+            earlier = (f", nor had the run it resumes ({s.resumed_from})"
+                       if s.resumed_from > s.size else "")
             raise ConfigError(f"{label}: {name} = {value}, but the job has {s.size} ranks "
-                              f"(0..{s.size - 1})")
+                              f"(0..{s.size - 1}){earlier}")
     if rule.step is not None and rule.step > s.total_steps:
         raise ConfigError(f"{label}: step = {rule.step}, but the run has {s.total_steps} steps")
     collective = rule.kind in COLLECTIVE_KINDS

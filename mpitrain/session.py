@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
@@ -48,6 +49,7 @@ def session() -> Iterator[World]:
         with world.collective_errors():
             world.check_launcher()
         yield world
+        world.record_exit(0)
     except MpitrainError as err:
         exit_on_error(err, world)
     except OSError as exc:  # the file system failed under a running job (a full disk, say)
@@ -83,11 +85,25 @@ def exit_on_error(err: MpitrainError, world: World) -> NoReturn:
     if world.size > 1 and not everywhere:
         _abort(world, err.exit_code)
     if world.size > 1:
-        # Leave together: the launcher kills the remaining ranks as soon as one exits with
-        # an error ("BAD TERMINATION"), so the ranks meet first (boundedly: one may be
-        # dead) and then all exit at once.  No MPI_Finalize: it could wait for a dead rank.
-        world.all_present(timeout=EXIT_WAIT_S)
+        # Leave together: a launcher that keeps no survivors kills the remaining ranks as
+        # soon as one exits with an error ("BAD TERMINATION"), so the ranks meet first
+        # (boundedly: one may be dead) and then all exit at once.  Intel MPI's hydra kills
+        # them even then unless they finalize; MPICH's kills those still finalizing when
+        # the first has left, so only Intel MPI's ranks finalize (all there: else it waits).
+        if world.all_present(timeout=EXIT_WAIT_S) and \
+                "Intel" in context_mpi().Get_library_version():
+            _finalize_within(EXIT_WAIT_S, err.exit_code)
     os._exit(err.exit_code)
+
+
+def _finalize_within(seconds: float, code: int) -> None:
+    """MPI_Finalize on the way out of an error every rank raised (all ranks call it, having
+    met); bounded: a message still in flight to a peer that gave up on it can keep it
+    waiting, and after ``seconds`` this process exits with ``code`` anyway."""
+    watchdog = threading.Timer(seconds, os._exit, args=(code,))
+    watchdog.daemon = True
+    watchdog.start()
+    context_mpi().Finalize()
 
 
 def _abort(world: World, code: int) -> NoReturn:

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection
+from typing import TYPE_CHECKING, Callable, Collection
 
 from .backend import on_gpu, pinned_like, to_host
 from .comm.allreduce import make_allreducer
 from .comm.checks import SumCheck, check_replicas
 from .comm.faults import FaultInjector, FaultPlan
+from .comm.guarded import GuardedComm
 from .comm.ledger import Ledger
 from .comm.traffic import Traffic
 from .comm.transport import Transport
@@ -58,15 +59,22 @@ class GradientSync:
     that backward finishes -- is ready, and is named by ``lo``.  ``transport`` (own
     algorithms) and ``sum_check`` (lossy delivery, fault plans) are optional; see
     :func:`build`.  ``tracer``: the timeline of chosen steps (:mod:`mpitrain.trace`), which
-    the loop also uses.
+    the loop also uses.  ``guard``: the deadline-guarded native collectives of the checks
+    (:mod:`mpitrain.comm.guarded`; by default on the allreducer's communicator, with the
+    transport's error channel), which the loop's own checks use too.
     """
 
     def __init__(self, allreducer, buffers: list, overlap: bool = True,
                  transport=None, sum_check=None, buckets: list | None = None,
-                 traffic: Traffic | None = None, tracer: NoTrace = OFF):
+                 traffic: Traffic | None = None, tracer: NoTrace = OFF,
+                 guard: GuardedComm | None = None):
         self.allreducer, self.buffers, self.overlap = allreducer, buffers, overlap
         self.tracer = tracer
         self.transport, self.sum_check = transport, sum_check
+        # the checks' native collectives, with the deadline and the transport's error channel
+        self.guard = guard if guard is not None else GuardedComm(
+            allreducer.comm, transport.agreement if transport is not None else None,
+            allreducer.deadline_s, allreducer.oversubscribed)
         # what the reductions put on the network: measured by the transport for the own
         # algorithms, modelled here for native MPI (see comm/traffic.py)
         self.traffic = traffic if traffic is not None else \
@@ -192,13 +200,12 @@ class GradientSync:
         t0 = time.perf_counter()
         try:  # counted even when a check raises and on_divergence = "warn" goes on
             with self.tracer.span("end-to-end check", COMM, "check"):
-                comm = self.transport.comm
-                # The checks use native collectives: a rank that failed in the transport must
-                # be heard of first, or the others would wait for it inside MPI forever.
+                # The checks use native collectives: a rank that failed in the transport is
+                # heard of first; one that dies or sticks after the fence, at the deadline.
                 self.fence(step)
-                self.sum_check.verify_finite(comm, step)
+                self.sum_check.verify_finite(self.guard, step)
                 seen = self.transport.evidence(step)
-                self.sum_check.verify(comm, step, seen.lost, checksums=seen.checksums,
+                self.sum_check.verify(self.guard, step, seen.lost, checksums=seen.checksums,
                                       told=seen.told,
                                       fused={lo: hi for lo, hi, _ in self.buckets if hi > lo})
         finally:
@@ -241,8 +248,11 @@ def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
     rules = f.rules
     injector = FaultInjector(FaultPlan(rules, f.seed), ctx.rank, events, crashed) \
         if rules else None
+    # The clock measurements below block in MPI: meet (with a deadline) first, so a rank
+    # stuck before them (rank 0 writing the run's files, say) is named, not waited for.
+    ctx.guard.barrier("the start of training", 0)
     ledger = Ledger(out, ctx.rank, ctx.size, ctx.comm) if cfg.sync.ledger else None
-    tracer = start_trace(cfg, ctx.comm, out, ledger)
+    tracer = start_trace(cfg, ctx.guard, out, ledger)
     transport = None
     traffic = Traffic(ctx.rank, ctx.size, modelled=cfg.sync.algorithm == "native")
     if cfg.sync.algorithm != "native" or injector is not None:
@@ -255,16 +265,20 @@ def build(ctx: RankContext, cfg: JobConfig, out: Path, model: MLP,
                                  oversubscribed=ctx.oversubscribed)
     checks = SumCheck() if transport is not None and (f.delivery == "lossy" or rules) else None
     buckets = [(lo, hi, model.grad_span(lo, hi)) for lo, hi in model.buckets(cfg.sync.bucket_bytes)]
+    # without a transport the checks use the rank's guard: one error channel per communicator
     return GradientSync(allreducer, [g.flat for g in model.grads], cfg.sync.overlap, transport,
-                        checks, buckets, traffic, tracer)
+                        checks, buckets, traffic, tracer,
+                        guard=ctx.guard if transport is None else None)
 
 
-def verify_replicas(comm: Any, params: list, step: int, tracer: NoTrace = OFF) -> None:
+def verify_replicas(guard: GuardedComm, params: list, step: int, tracer: NoTrace = OFF) -> None:
     """Collective: raise DivergenceError on every rank if the replicas' parameters differ.
 
     ``params`` are the per-layer flat parameter buffers (host or GPU); ``step`` 0 means
     before the first step.  Names the first differing layer and the ranks that differ.
+    ``guard`` (a synchronizer's :attr:`GradientSync.guard`): a rank that does not arrive
+    within the deadline makes every other rank raise a SyncError naming it.
     """
     with tracer.span("replica check", COMM, "check"):
-        check_replicas(comm, [[to_host(p, copy=False)] for p in params], step)
+        check_replicas(guard, [[to_host(p, copy=False)] for p in params], step)
     tracer.instant("replicas equal", COMM, "check")

@@ -43,7 +43,10 @@ from mpitrain.comm.wire import (H_CHUNK, H_LAYER, H_PHASE, H_SEQ, HEADER, PHASE_
 from mpitrain.errors import ConfigError
 
 if TYPE_CHECKING:
+    from mpitrain.comm.guarded import GuardedComm
     from mpitrain.config import JobConfig
+
+TRACE_CHECK = "the timeline"  # names the tracer's collectives when a rank is missing
 
 COMPUTE, COMM, ALLREDUCE = 0, 1, 10  # track ids; a bucket's allreduce: ALLREDUCE + its layer
 PHASE_NAMES = {code: name for name, code in PHASE_CODES.items()}
@@ -119,8 +122,9 @@ class NoTrace:
     def error(self, exc: BaseException) -> None:
         """An error was raised (recorded once however many spans it leaves)."""
 
-    def finish(self, comm: Any) -> None:
-        """Collective, at the end of a run: rank 0 writes trace.json."""
+    def finish(self, guard: GuardedComm, step: int) -> None:
+        """Collective, at the end of a run (``step``, its last): rank 0 writes trace.json.
+        ``guard``: the rank's guarded collectives (a rank missing is named, not waited for)."""
 
     def fail(self, err: BaseException) -> None:
         """The run ends with ``err`` on this rank: keep what was recorded (no communication)."""
@@ -354,8 +358,8 @@ class Tracer(NoTrace):
             self.events + trace_file.names(self.rank, tracks),
             {**self.meta, "rank": self.rank, "clock_offset_s": self.offset_s})
 
-    def finish(self, comm: Any) -> None:
-        parts = comm.gather(self.part() if self.traced else None, root=0)
+    def finish(self, guard: GuardedComm, step: int) -> None:
+        parts = guard.gather(self.part() if self.traced else None, TRACE_CHECK, step)
         if parts is not None:
             trace_file.write(self.out, parts)
 
@@ -369,19 +373,21 @@ class Tracer(NoTrace):
             trace_file.merge(self.out, self.size, trace_file.PART_WAIT_S)
 
 
-def start(cfg: JobConfig, comm: Any, out: Path, ledger: Any = None) -> NoTrace:
+def start(cfg: JobConfig, guard: GuardedComm, out: Path, ledger: Any = None) -> NoTrace:
     """The tracer a job asks for: :data:`OFF`, or (``[trace] steps`` set) a :class:`Tracer`
-    writing into ``out``.  Collective when tracing: it measures this rank's clock offset to
+    writing into ``out``.  Collective when tracing, on ``guard``'s communicator (every rank
+    arrived at a guarded collective just before): it measures this rank's clock offset to
     rank 0, unless ``ledger`` (a :class:`~mpitrain.comm.ledger.Ledger`) already did."""
     window = cfg.trace.window
     if window is None:
         return OFF
+    comm = guard.comm
     rank, size = comm.Get_rank(), comm.Get_size()
     if ledger is not None:
         offset = ledger.offset
     else:
         offset = measure_clock_offset(comm) if size > 1 else 0.0
-    origin = comm.bcast(time.time() if rank == 0 else None, root=0)
+    origin = guard.bcast(time.time() if rank == 0 else None, TRACE_CHECK, 0)
     meta = {"job": cfg.name, "ranks": size, "steps": f"{window[0]}-{window[1]}",
             "algorithm": cfg.sync.algorithm, "delivery": cfg.faults.delivery,
             "messages": cfg.trace.messages, "clock_origin_unix_s": origin,

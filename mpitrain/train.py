@@ -22,19 +22,22 @@ from typing import Callable, NoReturn
 
 import numpy as np
 
-from . import checkpoint, data, trace
+from . import checkpoint, data, elastic, shard
 from .backend import to_host
 from .comm import traffic
 from .comm.allreduce import wait_native
 from .comm.checks import ranks_text
+from .comm.guarded import GuardedComm
 from .config import JobConfig
-from .context import RankContext, StopSignal
-from .errors import DataError, DivergenceError, NumericsError, Preempted, ReductionError
+from .context import RankContext
+from .errors import (DataError, DivergenceError, MpitrainError, NumericsError, Preempted,
+                     ReductionError)
 from .metrics import EventLog, Metrics, read_jsonl, report_fault_outcome, report_transport
 from .model import MLP
 from .model import build as build_model
 from .optim import Optimizer, learning_rate
-from .schema import PlanScope, validate_plan
+from .recovery import Recovery
+from .stop_signal import StopSignal
 from .sync import GradientSync, verify_replicas
 from .sync import build as build_sync
 from .trace import COMM
@@ -46,7 +49,7 @@ class Setup:
 
     out: Path
     dataset: data.Dataset
-    sampler: data.ShardSampler
+    sampler: shard.ShardSampler
     val_idx: np.ndarray
     model: MLP
     optim: Optimizer
@@ -79,24 +82,30 @@ def run(ctx: RankContext, cfg: JobConfig, s: Setup, mode: StartMode = StartMode(
     A fresh start with ``mode.overwrite`` moves the earlier run aside; if this run fails
     before its first checkpoint, the earlier run is put back.
     """
-    identity = checkpoint.resume_identity(ctx.size, cfg, s.dataset.fingerprint)
-    changed: dict = {}
+    identity = checkpoint.resume_identity(ctx.size, cfg, s.dataset.fingerprint,
+                                          s.sampler.global_batch)
+    resumed = checkpoint.Resumed(0, {}, ctx.size, s.sampler.global_batch)
     if mode.resume:
-        s.start_step, changed = checkpoint.restore(ctx, cfg, s.out, s.model, s.optim, identity,
-                                                   mode.allow_changes)
+        resumed = checkpoint.restore(ctx, cfg, s.out, s.model, s.optim, identity,
+                                     mode.allow_changes)
+        s.start_step = resumed.step
+        s.sampler, s.total_steps = elastic.continue_from(ctx, cfg, s.dataset, s.model,
+                                                         s.sampler, s.total_steps, resumed)
+        identity["data.global_batch"] = resumed.global_batch
     elif mode.overwrite:
         if ctx.is_root:
             checkpoint.set_aside(s.out)
-        ctx.comm.Barrier()  # moved before any rank opens its own files in the folder
+        ctx.guard.barrier("moving the earlier run aside", 0)  # before any rank opens its files
     try:
-        return _run(ctx, cfg, s, identity, changed)
+        return _run(ctx, cfg, s, identity, resumed)
     except BaseException:
         if ctx.is_root and mode.overwrite and not mode.resume:
             checkpoint.put_back(s.out)
         raise
 
 
-def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: dict) -> dict:
+def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict,
+         resumed: checkpoint.Resumed) -> dict:
     """Collective: the run itself, its outputs opened and closed around the loop."""
     if ctx.is_root:
         checkpoint.drop_stale_rank_logs(s.out, ctx.size)
@@ -108,10 +117,7 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
         metrics.event("start", s.start_step, ranks=ctx.size, job=cfg.name,
                       slurm_job_id=ctx.slurm.job_id, slurm_restart_count=ctx.slurm.restart_count)
         if s.start_step:
-            metrics.note(f"resumed from the checkpoint of step {s.start_step}")
-            metrics.event("resume", s.start_step, changed={k: list(v) for k, v in changed.items()})
-            for key, (old, new) in changed.items():
-                metrics.note(f"mpitrain: resumed with {key} changed: {old!r} -> {new!r}")
+            elastic.report_resume(ctx.size, s.sampler, metrics, resumed, cfg.faults.rules)
     log_path = s.out / f"faults-rank{ctx.rank}.jsonl"
     # A resumed run continues the same run: a rank that a "crash" rule killed before is
     # not killed again by it (a restart would otherwise meet the same crash forever).
@@ -121,12 +127,12 @@ def _run(ctx: RankContext, cfg: JobConfig, s: Setup, identity: dict, changed: di
     stop = StopSignal()
     sync = None
     try:
-        verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.start_step)
         sync = build_sync(ctx, cfg, s.out, s.model, fault_log, crashed)
+        verify_replicas(sync.guard, [p.flat for p in s.model.params], s.start_step)
         # NaN/Inf are the harness's to find and name (see _loss_not_finite, sync.verify):
         # NumPy's own overflow warnings would only add noise, once per rank.
         with np.errstate(all="ignore"):
-            summary = _loop(ctx, cfg, s, sync, metrics, stop)
+            summary, sync = _loop(ctx, cfg, s, sync, metrics, stop, fault_log)
         _report(ctx, cfg, s, sync, metrics)
     except BaseException as err:
         if sync is not None:
@@ -145,15 +151,16 @@ def _report(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
             metrics: Metrics) -> None:
     """Collective, at the end: what the transport and the injected faults cost and did, the
     run's traffic per link (traffic.json, rank 0) and the timeline of chosen steps
-    (trace.json, rank 0)."""
-    report_transport(ctx.comm, sync.close(), metrics, s.total_steps)
-    report_fault_outcome(ctx.comm, sync.transport, metrics, s.total_steps,
+    (trace.json, rank 0).  The transport is closed first, so these go through the rank's
+    own guard (``ctx.guard``): a rank missing at the end is named, never waited for."""
+    report_transport(ctx.guard, sync.close(), metrics, s.total_steps)
+    report_fault_outcome(ctx.guard, sync.transport, metrics, s.total_steps,
                          cfg.faults.delivery, {step for step, _ in s.warnings})
-    merged = traffic.gather(ctx.comm, sync.traffic, cfg.sync.algorithm)
+    merged = traffic.gather(ctx.guard, sync.traffic, cfg.sync.algorithm, s.total_steps)
     if merged is not None:
         checkpoint.write_text(s.out / "traffic.json", "{\n" + ",\n".join(
             f" {json.dumps(k)}: {json.dumps(v)}" for k, v in merged.items()) + "\n}\n")
-    sync.tracer.finish(ctx.comm)
+    sync.tracer.finish(ctx.guard, s.total_steps)
 
 
 def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Setup:
@@ -169,71 +176,78 @@ def setup(ctx: RankContext, cfg: JobConfig, mode: StartMode = StartMode()) -> Se
         dataset = data.load(cfg.data, cfg.run.seed, ctx.rank, ctx.size)
         train_idx, val_idx = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
         data.check_values(dataset, val_idx, ctx.rank, ctx.size)
-        data.check_fits(dataset, len(train_idx), cfg.model.layers[-1], cfg.model.loss,
-                        cfg.data.batch_size, ctx.size, cfg.data.tail)
     except DataError as err:  # name the job file, like config errors do
         err.message = f"{cfg.path or 'built-in job'}: {err.message}"
         raise
-    sampler = data.ShardSampler(train_idx, cfg.data.batch_size, ctx.rank, ctx.size, cfg.run.seed,
-                                cfg.data.shuffle, cfg.data.tail)
-    total = cfg.run.steps or (cfg.epochs or 1) * sampler.steps_per_epoch
+    sampler, total = elastic.sampling(ctx, cfg, dataset, train_idx, None)
     model = build_model(cfg.model, dataset.features, cfg.run.seed, ctx.xp)
-    scope = PlanScope(size=ctx.size, n_layers=model.n_layers, total_steps=total,
-                      algorithm=cfg.sync.algorithm, buckets=model.buckets(cfg.sync.bucket_bytes),
-                      bucket_bytes=cfg.sync.bucket_bytes)
-    validate_plan(cfg.faults.rules, scope,
-                  cfg.rule_sources or [cfg.path or "built-in job"] * len(cfg.faults.rules))
-    trace.check_window(cfg, total, cfg.path or "built-in job")
+    elastic.check_plan(ctx, cfg, model, total, resuming=mode.resume)
     optim = Optimizer(cfg.optim, [p.flat for p in model.params], ctx.xp)
     return Setup(out, dataset, sampler, val_idx, model, optim, total, start_step=0)
 
 
 def _loop(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metrics: Metrics,
-          stop: StopSignal) -> dict:
-    """All steps from ``s.start_step + 1``; then the final check and ``model.npz``."""
+          stop: StopSignal, events: Callable[[dict], None]) -> tuple[dict, GradientSync]:
+    """All steps from ``s.start_step + 1``; then the final check and ``model.npz``.  Returns
+    the summary and the synchronizer in use at the end (a new one after a shrink).
+
+    With ``[faults] recovery = "shrink"`` (and ULFM), a rank's death during a step or its
+    step-end duties makes the survivors shrink and redo that step (see recovery.py); ``ctx``
+    and ``s.sampler`` then describe the smaller world."""
     spe = s.sampler.steps_per_epoch
     epoch_sums = _epoch_so_far(metrics, s.start_step, spe)  # loss, correct, samples
-    order, order_epoch = np.empty(0, np.int64), -1
+    recovery = Recovery(ctx, cfg, s, metrics, events)
+    order, order_epoch = np.empty(0, np.int64), -1  # the epoch's order: one for every size
     record: dict = {}
     last_epoch: dict = {}
-    for step in range(s.start_step + 1, s.total_steps + 1):
+    step = s.start_step + 1
+    while step <= s.total_steps:
         epoch, k = divmod(step - 1, spe)
         if epoch != order_epoch:
             order, order_epoch = s.sampler.epoch_order(epoch), epoch
-        sync.tracer.begin_step(step)
-        record, stop_now = _step(ctx, cfg, s, sync, metrics, step, epoch, k, order, stop)
-        metrics.step(record)
-        epoch_sums += (record["loss"] * record["samples"], record["correct"], record["samples"])
-        if k == spe - 1 or step == s.total_steps:
-            last_epoch = _end_of_epoch(ctx, s, sync, metrics, step, epoch, epoch_sums)
-            epoch_sums[:] = 0
-        _end_of_step(ctx, cfg, s, sync, metrics, step, stop_now)
-        sync.tracer.end_step(step)
-
-    _checked(cfg, s, metrics, s.total_steps,
-             lambda: verify_replicas(ctx.comm, [p.flat for p in s.model.params], s.total_steps))
+        recovery.keep(step)
+        try:
+            sync.tracer.begin_step(step)
+            record, stop_now = _step(ctx, cfg, s, sync, metrics, step, epoch, k, order, stop)
+            metrics.step(record)
+            epoch_sums += (record["loss"] * record["samples"], record["correct"],
+                           record["samples"])
+            if k == spe - 1 or step == s.total_steps:
+                last_epoch = _end_of_epoch(ctx, s, sync, metrics, step, epoch, epoch_sums)
+                epoch_sums[:] = 0
+            _end_of_step(ctx, cfg, s, sync, metrics, step, stop_now)
+            sync.tracer.end_step(step)
+        except recovery.catches as err:  # a rank died: the survivors redo the step
+            step, sync = recovery.recover(err, step, sync)
+            epoch_sums = _epoch_so_far(metrics, step - 1, spe)
+            continue
+        except MpitrainError as err:
+            raise recovery.world_reporter(err)
+        step += 1
     if ctx.is_root:
         checkpoint.write_npz(s.out / "model.npz", s.model.state())
-    return {"steps": s.total_steps, "out": str(s.out), "loss": record.get("loss"),
-            "val_loss": last_epoch.get("val_loss"), "val_accuracy": last_epoch.get("val_accuracy")}
+    summary = {"steps": s.total_steps, "out": str(s.out), "loss": record.get("loss"),
+               "val_loss": last_epoch.get("val_loss"),
+               "val_accuracy": last_epoch.get("val_accuracy")}
+    return summary, sync
 
 
 def _end_of_step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync,
                  metrics: Metrics, step: int, stop_now: bool) -> None:
     """Collective step-end duties after the epoch's end: the replica check every
-    ``check_every`` steps, a checkpoint and :class:`Preempted` after a stop signal (all ranks
+    ``check_every`` steps and after the last, a checkpoint and :class:`Preempted` after a stop signal (all ranks
     voted in the step's statistics), and the periodic and final checkpoints.
 
     They use native collectives, so first make sure no rank is failing inside the transport
     (it would leave the others waiting in MPI).
     """
     last = step == s.total_steps
-    check = bool(cfg.sync.check_every) and step % cfg.sync.check_every == 0 and not last
-    if check or (stop_now and not last):
+    check = bool(cfg.sync.check_every) and step % cfg.sync.check_every == 0
+    if check or stop_now or last:
         sync.fence(step)
-    if check:
+    if check or last:  # the last step's is the final check of the run
         _checked(cfg, s, metrics, step, lambda: verify_replicas(
-            ctx.comm, [p.flat for p in s.model.params], step, sync.tracer))
+            sync.guard, [p.flat for p in s.model.params], step, sync.tracer))
     if stop_now and not last:  # on the last step, finishing is the best checkpoint
         _save_checkpoint(ctx, cfg, s, step)
         metrics.event("preempted", step)
@@ -288,7 +302,7 @@ def _step(ctx: RankContext, cfg: JobConfig, s: Setup, sync: GradientSync, metric
                     oversubscribed=ctx.oversubscribed)
     waited += time.perf_counter() - t_wait
     if stats[4]:
-        _loss_not_finite(ctx, s, step, float(loss_sum))
+        _loss_not_finite(sync.guard, s, step, float(loss_sum))
     # end-to-end checks (lossy delivery, fault plans), before the update
     _checked(cfg, s, metrics, step, lambda: sync.verify(step))
 
@@ -323,10 +337,10 @@ def _checked(cfg: JobConfig, s: Setup, metrics: Metrics, step: int,
         metrics.note(f"mpitrain: warning: {err.message}")
 
 
-def _loss_not_finite(ctx: RankContext, s: Setup, step: int, loss: float) -> NoReturn:
+def _loss_not_finite(guard: GuardedComm, s: Setup, step: int, loss: float) -> NoReturn:
     """Collective (every rank saw the count in the step's statistics): raise one error naming
     the ranks whose loss is NaN/Inf and, after replica warnings, the first of them."""
-    losses = ctx.comm.allgather(loss)
+    losses = guard.allgather(loss, "the loss check", step)
     bad = [r for r, v in enumerate(losses) if not np.isfinite(v)]
     message = (f"{ranks_text(bad)}: the loss is {losses[bad[0]]} at step {step}")
     hint = "lower [optim] lr, or check the data for NaN/Inf"
@@ -347,7 +361,7 @@ def _end_of_epoch(ctx: RankContext, s: Setup, sync: GradientSync, metrics: Metri
     classify = s.dataset.classes is not None
     val_loss = val_acc = None
     if len(s.val_idx):
-        val_loss, val_acc = evaluate(ctx, s.model, s.dataset, s.val_idx)
+        val_loss, val_acc = evaluate(ctx, s.model, s.dataset, s.val_idx, step=step)
         val_acc = val_acc if classify else None
     n = max(sums[2], 1)
     record = {"step": step, "epoch": epoch, "loss": sums[0] / n,
@@ -358,11 +372,13 @@ def _end_of_epoch(ctx: RankContext, s: Setup, sync: GradientSync, metrics: Metri
 
 
 def evaluate(ctx: RankContext, model: MLP, dataset: data.Dataset, idx: np.ndarray,
-             chunk: int = 1024, confusion: np.ndarray | None = None) -> tuple[float, float]:
+             chunk: int = 1024, confusion: np.ndarray | None = None,
+             step: int | None = None) -> tuple[float, float]:
     """Collective: (mean loss, accuracy) over ``idx``, each rank taking a contiguous part.
 
     ``confusion`` (classes x classes, integer zeros): gets the count of each (true class,
-    predicted class) pair, rows true, summed over ranks."""
+    predicted class) pair, rows true, summed over ranks.  ``step``: the training step of a
+    validation (None: ``mpitrain evaluate``), which names the sums if a rank is missing."""
     part = np.array_split(idx, ctx.size)[ctx.rank]
     totals = np.zeros(3)
     for start in range(0, len(part), chunk):
@@ -372,9 +388,10 @@ def evaluate(ctx: RankContext, model: MLP, dataset: data.Dataset, idx: np.ndarra
         totals += (loss_sum, model.correct(out, y), len(x))
         if confusion is not None:
             np.add.at(confusion, (to_host(y.argmax(axis=1)), to_host(out.argmax(axis=1))), 1)
-    ctx.sum(totals)
+    what = "the evaluation" if step is None else "the validation"
+    ctx.sum(totals, what, step)
     if confusion is not None:
-        ctx.sum(confusion)
+        ctx.sum(confusion, what, step)
     return totals[0] / totals[2], totals[1] / totals[2]
 
 

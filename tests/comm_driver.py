@@ -11,11 +11,22 @@
         prints ``ERROR: <message>`` and every rank exits with the error's exit
         code via os._exit, as the CLI does.
 
+    python tests/comm_driver.py cli '<json>' COMMAND ARGS...
+        ``mpitrain COMMAND ARGS`` (the CLI itself: session, exit statuses, one message),
+        one rank of it stopped on the way: json {"rank", "at", "how"}, ``at`` the name of a
+        function of mpitrain.train that the command calls ("evaluate", "report_transport",
+        "report_fault_outcome"), ``how`` "stall" (sleep 600 s at its first call: a rank
+        stuck) or "die" (os._exit(9) there, telling no one).
+
 Scenario keys: algorithm, delivery, deadline, rto, grace, rules, seed, steps,
 layers (sizes), dtype, checks ("hash", "e2e" in that order), ledger (dir),
-die ({"rank", "step"}: os._exit(9) without telling anyone), fence (bool),
+die ({"rank", "step"}: os._exit(9) without telling anyone; with "where": "checks", after
+the step's fence, before its checks), stall ({"rank", "step", "seconds"}: sleep that long
+after the step's fence, before its checks: a rank stuck), fence (bool),
 outdir (write result-{rank}.json there instead of printing RESULT lines),
 clean_first (run the same loop without faults first: "clean_digest").
+Each rank records its end as `mpitrain run -n`'s ranks do (context.World.record_exit), so
+tests/mpirun.py job() gives the job's status the same way under every MPI.
 """
 from __future__ import annotations
 
@@ -35,8 +46,10 @@ from mpi4py import MPI  # noqa: E402
 from mpitrain.comm.allreduce import ALGORITHMS, make_allreducer  # noqa: E402
 from mpitrain.comm.checks import SumCheck, check_replicas  # noqa: E402
 from mpitrain.comm.faults import FaultInjector, FaultPlan  # noqa: E402
+from mpitrain.comm.guarded import GuardedComm  # noqa: E402
 from mpitrain.comm.ledger import Ledger  # noqa: E402
 from mpitrain.comm.transport import Transport  # noqa: E402
+from mpitrain.context import World  # noqa: E402
 from mpitrain.errors import MpitrainError  # noqa: E402
 
 
@@ -102,9 +115,10 @@ def train(cfg: dict, ar, t: Transport, comm, p: int, r: int) -> list[np.ndarray]
     dtype = np.dtype(cfg.get("dtype", "float64"))
     sizes = cfg.get("layers", [37, 300, 5])
     params = [data(0, n, dtype, 99) for n in sizes]  # identical on every rank
-    die = cfg.get("die")
+    die, stall = cfg.get("die") or {}, cfg.get("stall") or {}
+    guard = GuardedComm(comm, t.agreement, t.deadline_s)
     for step in range(1, cfg.get("steps", 2) + 1):
-        if die and die["rank"] == r and die["step"] == step:
+        if die.get("rank") == r and die.get("step") == step and die.get("where") != "checks":
             os._exit(9)
         sc = SumCheck()
         for layer in reversed(range(len(sizes))):
@@ -116,11 +130,15 @@ def train(cfg: dict, ar, t: Transport, comm, p: int, r: int) -> list[np.ndarray]
             params[layer] -= np.asarray(0.01 / p, dtype) * g
         if cfg.get("fence"):
             t.fence(step)
+        if die.get("rank") == r and die.get("step") == step and die.get("where") == "checks":
+            os._exit(9)
+        if stall.get("rank") == r and stall.get("step") == step:
+            time.sleep(stall["seconds"])
         for check in cfg.get("checks", []):
             if check == "hash":
-                check_replicas(comm, [[w] for w in params], step, lost=t.lost)
+                check_replicas(guard, [[w] for w in params], step, lost=t.lost)
             elif check == "e2e":
-                sc.verify(comm, step, lost=t.lost)
+                sc.verify(guard, step, lost=t.lost)
     t.close()
     return params
 
@@ -130,6 +148,7 @@ def digest(params: list[np.ndarray]) -> str:
 
 
 def run_scenario(cfg: dict) -> None:
+    world = World(dict(os.environ))  # records this rank's end for tests/mpirun.py job()
     comm = MPI.COMM_WORLD.Dup()
     p, r = comm.Get_size(), comm.Get_rank()
     algorithm = cfg.get("algorithm", "ring")
@@ -165,6 +184,7 @@ def run_scenario(cfg: dict) -> None:
         Path(cfg["outdir"], f"result-{r}.json").write_text(line)
     else:
         print("RESULT " + line, flush=True)
+    world.record_exit(out.get("exit_code", 0))
     if out["status"] == "error":
         if ledger is not None:
             ledger.close()
@@ -174,8 +194,23 @@ def run_scenario(cfg: dict) -> None:
         os._exit(out["exit_code"])
 
 
+def cli_stopping_one_rank(where: dict, args: list[str]) -> int:
+    """``mpitrain ARGS``, rank ``where["rank"]`` stopped at ``where["at"]`` (see module)."""
+    import mpitrain.train
+    from mpitrain import cli
+    if MPI.COMM_WORLD.Get_rank() == where["rank"]:
+        def stop(*_args, **_kwargs):
+            if where["how"] == "die":
+                os._exit(9)
+            time.sleep(600)  # far beyond any test's timeout: only the others can end this
+        setattr(mpitrain.train, where["at"], stop)
+    return cli.main(args)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "allreduce":
         check_allreduce()
+    elif sys.argv[1] == "cli":
+        sys.exit(cli_stopping_one_rank(json.loads(sys.argv[2]), sys.argv[3:]))
     else:
         run_scenario(json.loads(sys.argv[2]))

@@ -1,4 +1,3 @@
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,11 +14,7 @@ def pytest_report_header(config) -> list[str]:
 
     Asked in a child process, with MPI left uninitialised, so the suite's own process
     starts no MPI of its own."""
-    probe = ("import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; "
-             "print(mpi4py.__version__); print(MPI.Get_library_version().strip())")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=60)
-    if res.returncode != 0:
-        return [f"MPI: mpi4py cannot load its MPI library: {res.stderr.strip()[-300:]}"]
-    version, library = res.stdout.split("\n", 1)
-    return [f"MPI: mpi4py {version}, {library.splitlines()[0].strip()}"]
+    from mpirun import PROFILE, suite_library
+    version, library = suite_library()
+    return [f"MPI: mpi4py {version}, {library.splitlines()[0].strip()} (launcher profile "
+            f"{PROFILE.name})"]

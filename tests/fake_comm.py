@@ -10,7 +10,9 @@ MPI semantics kept: messages from one source with one tag are matched in the ord
 :data:`EAGER_MAX` bytes is read from the sender's buffer only when the receiver matches it
 and its request completes then (rendezvous: a sender that reuses the buffer too early sends
 the new contents), smaller sends are copied at once and complete at once.  Pickled sends
-(``isend``) are eager.
+(``isend``) are eager.  A communicator's ``Idup`` is a new context: its messages never match
+those of the communicator it was duplicated from (the k-th ``Idup`` of a communicator is
+the same context on every rank).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class Envelope:
 
     def __init__(self, src: int, tag: int, buf: Any = None, obj: bytes | None = None):
         self.src, self.tag, self.obj = src, tag, obj
+        self.context: tuple = ()  # the communicator's context, set when it is posted
         self.data: np.ndarray | None = None
         self.lent: np.ndarray | None = None
         if buf is None:
@@ -60,8 +63,14 @@ class Envelope:
         else:
             self.data, self.request = arr.copy(), Request(True)
 
+    def __repr__(self) -> str:
+        return f"Envelope(src={self.src}, tag={self.tag}, context={self.context})"
+
     def take(self) -> np.ndarray:
-        """The payload, read now from the sender's buffer if it was lent (rendezvous)."""
+        """The payload, read now from the sender's buffer if it was lent (rendezvous); a
+        pickled message's bytes."""
+        if self.obj is not None:
+            return np.frombuffer(self.obj, np.uint8)
         if self.lent is not None:
             self.data, self.lent = self.lent.copy(), None
             self.request.done = True
@@ -105,6 +114,12 @@ class Fabric:
     def comm(self, rank: int) -> "FakeComm":
         return FakeComm(self, rank)
 
+    def leftovers(self) -> list[Envelope]:
+        """Every message sent and never received, on any communicator (MPI calls one left
+        at MPI_Finalize erroneous; UCX prints a warning for each)."""
+        with self.lock:
+            return [e for box in self.boxes for e in box]
+
     def pending(self, dst: int, tag: int | None = None) -> list[Envelope]:
         """The messages waiting for ``dst`` (with ``tag``)."""
         with self.lock:
@@ -114,8 +129,17 @@ class Fabric:
 class FakeComm:
     """One rank's end of a :class:`Fabric`, with the mpi4py calls the transport uses."""
 
-    def __init__(self, fabric: Fabric, rank: int):
-        self.fabric, self.rank = fabric, rank
+    def __init__(self, fabric: Fabric, rank: int, context: tuple = ()):
+        self.fabric, self.rank, self.context = fabric, rank, context
+        self.dups = 0
+
+    def Idup(self) -> tuple["FakeComm", Request]:
+        self.dups += 1
+        return FakeComm(self.fabric, self.rank, (*self.context, self.dups)), Request(True)
+
+    def Free(self) -> None:
+        """Nothing to release; messages still on the way stay in their context
+        (:meth:`Fabric.leftovers` lists them)."""
 
     def Get_rank(self) -> int:
         return self.rank
@@ -124,6 +148,7 @@ class FakeComm:
         return self.fabric.size
 
     def _post(self, dst: int, env: Envelope) -> Request:
+        env.context = self.context
         with self.fabric.lock:
             self.fabric.boxes[dst].append(env)
         return env.request
@@ -132,7 +157,8 @@ class FakeComm:
         with self.fabric.lock:
             box = self.fabric.boxes[self.rank]
             for i, env in enumerate(box):
-                if env.tag == tag and source in (MPI.ANY_SOURCE, env.src):
+                if tag in (MPI.ANY_TAG, env.tag) and source in (MPI.ANY_SOURCE, env.src) \
+                        and env.context == self.context:
                     if take:
                         del box[i]
                     return env

@@ -1,21 +1,26 @@
 """Sharding, data files, the default job, and launching (mpitrain run -n, wrong launchers)."""
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mpirun import REPO, mpitrain, run
-from mpitrain import data
+from mpirun import MPIEXEC, PROFILE, REPO, child_env, mpitrain, processes_of, run
+from mpitrain import data, shard
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 @pytest.mark.parametrize("tail", ["drop", "weighted"])
 def test_shards_partition_each_global_batch_without_duplicates(size, tail):
     idx = np.arange(103)
-    samplers = [data.ShardSampler(idx, 5, r, size, seed=3, shuffle=True, tail=tail)
+    samplers = [shard.ShardSampler(idx, 5, r, size, seed=3, shuffle=True, tail=tail)
                 for r in range(size)]
-    one = data.ShardSampler(idx, 5 * size, 0, 1, seed=3, shuffle=True, tail=tail)
+    one = shard.ShardSampler(idx, 5 * size, 0, 1, seed=3, shuffle=True, tail=tail)
     assert samplers[0].steps_per_epoch == one.steps_per_epoch
     for epoch in range(3):
         seen = []
@@ -33,11 +38,11 @@ def test_shards_partition_each_global_batch_without_duplicates(size, tail):
 
 def test_shards_are_a_pure_function_of_seed_epoch_rank_size():
     idx = np.arange(50)
-    a = data.ShardSampler(idx, 4, 1, 3, seed=9, shuffle=True, tail="drop")
-    b = data.ShardSampler(idx, 4, 1, 3, seed=9, shuffle=True, tail="drop")
+    a = shard.ShardSampler(idx, 4, 1, 3, seed=9, shuffle=True, tail="drop")
+    b = shard.ShardSampler(idx, 4, 1, 3, seed=9, shuffle=True, tail="drop")
     assert np.array_equal(a.shard(2, 1)[0], b.shard(2, 1)[0])
     assert not np.array_equal(a.epoch_order(0), a.epoch_order(1)), "epochs must reshuffle"
-    c = data.ShardSampler(idx, 4, 1, 3, seed=10, shuffle=True, tail="drop")
+    c = shard.ShardSampler(idx, 4, 1, 3, seed=10, shuffle=True, tail="drop")
     assert not np.array_equal(a.epoch_order(0), c.epoch_order(0))
 
 
@@ -138,31 +143,61 @@ def test_a_foreign_launcher_is_detected(tmp_path):
         in res.stderr and "RuntimeWarning" not in res.stderr
 
 
-@pytest.mark.parametrize("nprocs", [2, 4])
-def test_ctrl_c_is_reported_once_and_ends_every_rank(tmp_path, nprocs):
-    """Ctrl-C in a terminal signals the whole foreground group: mpiexec and every rank."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from mpirun import MPIEXEC, REPO, child_env
-    proc = subprocess.Popen([MPIEXEC, "-n", str(nprocs), sys.executable, "-m", "mpitrain",
-                             "run", "--set", "run.steps=100000", "--set", f'run.out="{tmp_path}"'],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def press_ctrl_c(argv: list[str], out: Path) -> tuple[int, str]:
+    """Start ``argv`` (a training run writing to ``out``) as a terminal's foreground job
+    would be, in a process group of its own; once training has begun, Ctrl-C (SIGINT to the
+    whole group).  Returns (exit status, stderr) once the command has ended and no process
+    of the run is left."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        metrics = tmp_path / "metrics.jsonl"
+        metrics = out / "metrics.jsonl"
         while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert metrics.exists(), "training never started"
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
+        while processes_of(out) and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"ranks did not end after Ctrl-C:\n{proc.communicate()[1][-3000:]}")
-    assert proc.returncode != 0
+        pytest.fail(f"the job did not end after Ctrl-C:\n{proc.communicate()[1][-3000:]}")
+    assert not processes_of(out), "ranks outlived Ctrl-C"
+    return proc.returncode, err
+
+
+
+def long_training(out: Path) -> list[str]:
+    """`mpitrain run`'s options for a run that trains until stopped, writing to ``out``."""
+    return ["--set", "run.steps=100000", "--set", f'run.out="{out}"']
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_ctrl_c_under_a_plain_mpiexec_is_what_the_readme_says(tmp_path, nprocs):
+    """A terminal's Ctrl-C signals its foreground group.  Hydra (MPICH, Intel MPI) keeps the
+    ranks in mpiexec's group: every rank is interrupted, and the job says so once.  Open MPI's
+    ranks have groups of their own: only its mpiexec gets it and ends them with SIGTERM, a
+    preemption to them (a checkpoint; README, "Exit status")."""
+    status, err = press_ctrl_c([MPIEXEC, "-n", str(nprocs), sys.executable, "-m", "mpitrain",
+                                "run", *long_training(tmp_path)], tmp_path)
+    assert status != 0
+    assert "Traceback" not in err, err
+    if signal.SIGINT in PROFILE.rank_signals:  # the launcher's own group only
+        assert "mpitrain: interrupted" not in err, err
+        events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+        assert events[-1]["event"] == "preempted", events
+        assert list((tmp_path / "checkpoints").glob("step-*.npz"))
+    else:
+        assert err.count("mpitrain: interrupted") == 1, err
+
+
+def test_ctrl_c_under_mpitrain_run_n_is_reported_once_on_every_mpi(tmp_path):
+    """`mpitrain run -n P` hands Ctrl-C to the ranks themselves: 130 and one message, under
+    every MPI."""
+    status, err = press_ctrl_c([sys.executable, "-m", "mpitrain", "run", "-n", "2",
+                                *long_training(tmp_path)], tmp_path)
+    assert status == 130, err
     assert err.count("mpitrain: interrupted") == 1, err
     assert "Traceback" not in err, err
 

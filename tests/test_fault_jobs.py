@@ -12,21 +12,32 @@ import pytest
 
 from mpirun import run
 
+from mpitrain.tools.diagnose import read_ledgers
+
 RANKS = [2, 4]
 
 
 def job(name, tmp_path, nprocs, *extra, timeout=60):
     """Run a fault job with `mpitrain run -n P`, the way the README shows it.
 
-    (It starts mpiexec with -disable-auto-cleanup: no rank is killed by the launcher while
-    the ranks agree on the error, so the exit status is exactly the harness's.)
+    (It starts mpiexec with its MPI's keep-survivors options: no rank is killed by the
+    launcher while the ranks agree on the error, and the status is the ranks' own.)
     """
-    t0 = time.monotonic()
     res = run([sys.executable, "-m", "mpitrain", "run", "-n", str(nprocs),
                f"jobs/faults/{name}.toml", "--set", f'run.out="{tmp_path}"', *extra],
               timeout=timeout)
-    res.elapsed = time.monotonic() - t0
+    res.ended = time.time()  # the ledgers' clock
     return res
+
+
+def fault_to_end_s(res, out) -> float:
+    """Seconds from the first rank entering the collective that failed (the one left open in
+    the ranks' ledgers) to the job's end: how long the ranks took to give up and leave,
+    without the start-up before it (Python, NumPy and MPI: seconds, more under load)."""
+    by_rank, _, _ = read_ledgers(sorted(out.glob("ledger-rank*.jsonl")))
+    opened = [c["t_enter"] for colls in by_rank.values() for c in colls.values() if c.get("open")]
+    assert opened, "no rank's ledger has the failed collective open"
+    return res.ended - min(opened)
 
 
 def one_error(res) -> str:
@@ -50,7 +61,8 @@ def test_strict_drop_is_an_attributed_error_within_the_deadline(tmp_path, nprocs
     assert (f"step 3, layer 1: rank {receiver} received nothing from rank 1 in 2 s "
             f"(deadline 2 s; ring reduce_scatter, chunk 1). Injected fault: drop (rule 0)."
             in one_error(res))
-    assert res.elapsed < 2.0 + 8.0, "every rank must give up within the deadline plus a margin"
+    # every rank gives up within the deadline (2 s), agrees, leaves, and mpiexec ends (a margin)
+    assert fault_to_end_s(res, tmp_path) < 2.0 + 5.0
     report = run([sys.executable, "-m", "mpitrain", "diagnose", str(tmp_path)], timeout=30)
     assert report.returncode == 1
     assert "(step 3, layer 1, ring" in report.stdout and "never left it" in report.stdout

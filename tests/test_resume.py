@@ -88,14 +88,16 @@ def test_preempted_run_checkpoints_at_a_step_boundary_and_resumes(tmp_path, refe
     assert_bitwise_equal(resume(out), reference)
 
 
-def test_resume_refuses_a_different_rank_count(tmp_path):
+def test_resume_on_more_ranks_than_the_global_batch_has_samples_is_refused(tmp_path):
+    """Another rank count is elastic resume (tests/test_elastic.py), as long as every rank
+    still gets a sample of the kept global batch."""
     out = tmp_path / "ranks"
     base = ["run", "--set", "run.steps=4", "--set", "run.checkpoint_every=2",
-            "--set", f'run.out="{out}"']
+            "--set", "data.batch_size=1", "--set", f'run.out="{out}"']
     assert mpitrain(2, base, timeout=60).returncode == 0
-    res = mpitrain(1, [*base, "--resume"], timeout=60)
-    assert res.returncode == 2
-    assert "belongs to a different training (ranks 2 -> 1)" in res.stderr
+    res = mpitrain(3, [*base, "--resume", "--set", "run.steps=6"], timeout=60)
+    assert res.returncode == 2 and res.stderr.count("mpitrain: error:") == 1, res.output
+    assert "3 ranks but the run's global batch is 2 samples" in res.stderr
 
 
 def test_resume_refuses_a_different_training(tmp_path):

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 JOBS = REPO / "jobs" / "slurm"
 # Own state folder and ports, so a developer's own test cluster (default ports) is left alone.
 STATE = Path(os.environ.get("MT_TEST_SLURM_STATE", "/tmp/mpitrain-slurm-pytest"))
-PORTS = {"MT_SLURM_CTLD_PORT": "16817", "MT_SLURM_D_PORT": "16818"}
+PORTS = {"MT_SLURM_CTLD_PORT": os.environ.get("MT_TEST_SLURM_CTLD_PORT", "16817"),
+         "MT_SLURM_D_PORT": os.environ.get("MT_TEST_SLURM_D_PORT", "16818")}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -178,36 +180,43 @@ def test_train_job(slurm, tmp_path):
     assert f"slurm job {job_id} restart 0" in log and "(2 tasks)" in log
 
 
-def test_preempted_job_requeues_resumes_and_matches(slurm, tmp_path):
+STEPS = 600
+ARGS = ["jobs/digits.toml", "--set", f"run.steps={STEPS}", "--set", "run.checkpoint_every=200",
+        "--set", "run.progress=off"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory) -> Path:
+    """The final parameters of ARGS run by train.sbatch without interruption."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    _, info, log = run_job(slurm, "train.sbatch", ARGS, tmp, extra_env={"MT_OUT": str(tmp / "ref")})
+    assert exit_code(info) == 0 and (tmp / "ref" / "model.npz").exists(), log
+    return tmp / "ref" / "model.npz"
+
+
+def test_preempted_job_requeues_resumes_and_matches(slurm, tmp_path, uninterrupted):
     """SIGUSR1 to the tasks (what --signal=USR1@N sends) -> checkpoint, exit 75, requeue,
     resume; the final parameters equal an uninterrupted run's bit for bit."""
-    steps = 600
-    args = ["jobs/digits.toml", "--set", f"run.steps={steps}", "--set", "run.checkpoint_every=200",
-            "--set", "run.progress=off"]
     # The preempted run is slowed for its first ~50 steps (a "slow" fault: rank 0 sleeps
     # 20 ms before 100 collectives; timing only, the numbers are untouched) so the signal
     # lands mid-run on any machine.
     slow = ["--fault", "kind=slow,rank=0,delay_ms=20,count=100"]
-    ref_out, pre_out = tmp_path / "ref", tmp_path / "preempted"
-    # Reference: the same job, uninterrupted.
-    _, info, log = run_job(slurm, "train.sbatch", args, tmp_path,
-                           extra_env={"MT_OUT": str(ref_out)})
-    assert exit_code(info) == 0 and (ref_out / "model.npz").exists(), log
-
+    pre_out = tmp_path / "preempted"
     log_path = tmp_path / "preempted.out"
-    job_id = submit(slurm, "train.sbatch", args + slow, log_path,
+    job_id = submit(slurm, "train.sbatch", ARGS + slow, log_path,
                     extra_env={"MT_OUT": str(pre_out)})
     # Signal once training is under way (well before the end).
     wait_job(slurm, job_id, 60, log_path, until=lambda i: steps_done(pre_out) >= 10
              or i.get("JobState") in FINISHED)
-    assert steps_done(pre_out) < steps, "the job finished before it could be signalled"
+    assert steps_done(pre_out) < STEPS, "the job finished before it could be signalled"
     sh(["scancel", "--signal=USR1", job_id], env=slurm)
     # The batch script sees exit 75 and runs `scontrol requeue`.
     wait_job(slurm, job_id, 60, log_path,
              until=lambda i: int(i.get("Restarts", 0)) >= 1 and i.get("JobState") == "PENDING")
-    # Slurm holds a requeued job ~2 minutes (EligibleTime); release it now.
-    sh(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm)
-    info = wait_job(slurm, job_id, 120, log_path)
+    # Slurm holds a requeued job for cred_expire (15 s on the test cluster, 120 s by
+    # default): releasing it early (`scontrol update StartTime=now`) races with the node,
+    # which kills a launch whose credential it still holds as revoked.
+    info = wait_job(slurm, job_id, 180, log_path)
     log = log_path.read_text()
     assert info["JobState"] == "COMPLETED" and exit_code(info) == 0, log
     assert info["Restarts"] == "1"
@@ -217,9 +226,74 @@ def test_preempted_job_requeues_resumes_and_matches(slurm, tmp_path):
     kinds = [e.get("event") for e in events]
     assert "preempted" in kinds and "resume" in kinds, kinds
     stopped = next(e["step"] for e in events if e.get("event") == "preempted")
-    assert 10 <= stopped < steps
-    assert steps_done(pre_out) == steps
-    assert_same_params(pre_out / "model.npz", ref_out / "model.npz")
+    assert 10 <= stopped < STEPS
+    assert steps_done(pre_out) == STEPS
+    assert_same_params(pre_out / "model.npz", uninterrupted)
+
+
+def rank_pid(job_id: str, rank: int) -> int | None:
+    """The process of MPI rank ``rank`` of Slurm job ``job_id`` on this node (its
+    environment: SLURM_JOB_ID and PMI_RANK); `scancel --signal` cannot pick one task."""
+    want = {f"SLURM_JOB_ID={job_id}".encode(), f"PMI_RANK={rank}".encode()}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"mpitrain" in (proc / "cmdline").read_bytes() \
+                    and want <= set((proc / "environ").read_bytes().split(b"\0")):
+                return int(proc.name)
+        except OSError:  # gone, or not ours to read
+            continue
+    return None
+
+
+def events_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def test_killed_rank_is_relaunched_in_the_allocation_and_matches(slurm, tmp_path,
+                                                                 uninterrupted):
+    """MT_RESTARTS=2: rank 1 SIGKILLed mid-run from outside; the script's mpitrain relaunches
+    the run as a new srun step with --resume, in the same allocation (no requeue), and it
+    ends with the uninterrupted run's parameters, bit for bit."""
+    out, log_path = tmp_path / "killed", tmp_path / "killed.out"
+    # The ring allreduce (at 2 ranks the same sums as native) with a 2 s deadline: the
+    # survivor names the dead peer and reports promptly.
+    job_id = submit(slurm, "train.sbatch", [*ARGS, "--set", "run.checkpoint_every=20",
+                                            "--set", 'sync.algorithm="ring"',
+                                            "--set", "faults.deadline_ms=2000",
+                                            "--fault", "kind=slow,rank=0,delay_ms=20,count=300"],
+                    log_path, extra_env={"MT_OUT": str(out), "MT_RESTARTS": "2"})
+    wait_job(slurm, job_id, 90, log_path, until=lambda i: steps_done(out) >= 30
+             or i.get("JobState") in FINISHED)
+    pid = rank_pid(job_id, 1)
+    assert pid is not None and steps_done(out) < STEPS, "no rank 1 to kill mid-run"
+    os.kill(pid, signal.SIGKILL)
+    info = wait_job(slurm, job_id, 180, log_path)
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED" and exit_code(info) == 0, log
+    assert info["Restarts"] == "0", "relaunched in the allocation, not requeued"
+    assert "mpitrain: restart 1 of 2 in 1 s: the run ended with status" in log, log
+    restarts = [e for e in events_of(out) if e["event"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["ranks"] == 2 and restarts[0]["step"] >= 20
+    assert steps_done(out) == STEPS
+    assert_same_params(out / "model.npz", uninterrupted)
+    assert not list(out.glob("mpitrain-launch-*")), "the launch folder is removed"
+
+
+def test_crash_with_min_ranks_goes_on_with_fewer_tasks(slurm, tmp_path):
+    """The crash demo (rank 1 dies at step 6) with MT_RESTARTS=1 MT_MIN_RANKS=1: the lost
+    rank is not replaced, the relaunch runs one task, the plan's rule for rank 1 is inert."""
+    out = tmp_path / "crash"
+    _, info, log = run_job(slurm, "faults.sbatch", ["jobs/faults/crash.toml"], tmp_path,
+                           timeout=180, extra_env={"MT_OUT": str(out), "MT_RESTARTS": "1",
+                                                   "MT_MIN_RANKS": "1"})
+    assert info["JobState"] == "COMPLETED" and exit_code(info) == 0, log
+    assert "restart 1 of 1 in 1 s on 1 ranks (1 lost)" in log, log
+    assert "resumed on 1 ranks (the checkpoint's run had 2)" in log, log
+    assert "fault demo finished: training completed" in log
+    restart = next(e for e in events_of(out) if e["event"] == "restart")
+    assert (restart["ranks_before"], restart["lost"], restart["ranks"]) == (2, 1, 1), restart
+    assert "fault_rules_inert" in [e["event"] for e in events_of(out)]
+    assert steps_done(out) == 12
 
 
 def test_time_limit_signal_reaches_the_ranks(slurm, tmp_path):
@@ -291,3 +365,15 @@ def test_mismatched_pmi_is_reported(slurm, tmp_path):
                                                 "MT_SRUN_MPI": "none"})
     assert exit_code(info) == 2, log
     assert "MPI sees a world of 1" in log and "--mpi=pmi2" in log, log
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--srun", "pmi2"], "--srun pmi2 needs -n P"),
+    (["-n", "2", "--srun", "pmi2"], "--srun: no srun on PATH")])
+def test_srun_launch_is_checked(tmp_path, argv, message):
+    """Bad input, no cluster needed: one message, exit 2 (no srun: the PATH has only python)."""
+    only_python = {**_env(), "PATH": str(Path(sys.executable).parent)}
+    res = sh([sys.executable, "-m", "mpitrain", "run", "jobs/digits.toml", *argv,
+              "--set", f'run.out="{tmp_path}"'], env=only_python, check=False)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

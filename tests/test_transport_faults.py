@@ -1,7 +1,9 @@
 """Fault injection through the transport, at 2 and 4 ranks (tests/comm_driver.py scenario).
 
-Every job runs under `mpiexec -disable-auto-cleanup` (what `mpitrain run` must pass, so
-the survivors of a dead rank can report it) with a kill-on-timeout: a hang fails.
+Every job runs under mpiexec with its profile's keep-survivors flags (what `mpitrain run -n`
+passes, so the survivors of a dead rank can report it) with a kill-on-timeout: a hang fails.
+The job's status is judged as `mpitrain run -n` judges it, from the ranks' records
+(tests/mpirun.py job()): Open MPI's mpiexec exits 0 with those flags whatever the ranks did.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 
 import pytest
 
-from mpirun import MPIEXEC, REPO, run
+from mpirun import REPO, job
 
 from mpitrain.comm.faults import FaultInjector, FaultPlan, FaultRule
 from mpitrain.comm.transport import MessageId
@@ -23,11 +25,11 @@ DEADLINE, GRACE = 1.0, 0.25
 
 
 def scenario(nprocs: int, cfg: dict, tmp_path, timeout: float = 60, cleanup_flag: bool = True):
-    """Run the driver; return (Result, {rank: result dict}) -- ranks that died have none."""
+    """Run the driver; return (Result, {rank: result dict}) -- ranks that died have none.
+    ``Result.status`` is the job's status (tests/mpirun.py job())."""
     cfg = {"deadline": DEADLINE, "grace": GRACE, "outdir": str(tmp_path), **cfg}
-    flags = ["-disable-auto-cleanup"] if cleanup_flag else []
-    res = run([MPIEXEC, *flags, "-n", str(nprocs), sys.executable, DRIVER, "scenario",
-               json.dumps(cfg)], timeout=timeout)
+    res = job(nprocs, [sys.executable, DRIVER, "scenario", json.dumps(cfg)],
+              keep_survivors=cleanup_flag, timeout=timeout)
     results = {}
     for f in tmp_path.glob("result-*.json"):
         d = json.loads(f.read_text())
@@ -36,7 +38,7 @@ def scenario(nprocs: int, cfg: dict, tmp_path, timeout: float = 60, cleanup_flag
 
 
 def assert_same_error_everywhere(res, results, nprocs, *parts, error="SyncError"):
-    assert res.returncode != 0, res.output[-2000:]
+    assert res.status != 0, res.output[-2000:]
     assert "Traceback" not in res.output, res.output[-3000:]
     assert sorted(results) == list(range(nprocs)), res.output[-2000:]
     msgs = {d["message"] for d in results.values()}
@@ -64,7 +66,7 @@ def test_strict_drop_is_attributed_on_every_rank(tmp_path, nprocs, algorithm, ph
         res, results, nprocs, "step 2, layer 1", f"rank {dst} received nothing from rank {src}",
         f"{algorithm} {phase}, chunk {chunk}", "Injected fault: drop (rule 0)")
     assert reporter == dst
-    assert res.returncode == 3
+    assert res.status == 3
     # within the deadline + the agreement window (+ scheduling margin on 2 cores)
     assert max(d["elapsed"] for d in results.values()) < DEADLINE + GRACE + 1.0
 
@@ -81,7 +83,7 @@ def test_strict_survives_duplicates_and_reordering(tmp_path):
     rules = [{"kind": "duplicate", "probability": 0.5}, {"kind": "reorder", "probability": 0.5}]
     res, results = scenario(4, {"algorithm": "ring", "rules": rules, "steps": 3,
                                 "clean_first": True}, tmp_path)
-    assert res.returncode == 0, res.output[-2000:]
+    assert res.status == 0, res.output[-2000:]
     for d in results.values():
         assert d["digest"] == d["clean_digest"]
     assert sum(d["stats"]["stale_discarded"] for d in results.values()) > 0
@@ -123,7 +125,7 @@ def test_lossy_reduce_scatter_drop_named_by_end_to_end_check(tmp_path):
 def test_reliable_is_bitwise_fault_free(tmp_path, nprocs, algorithm, rules):
     cfg = {"algorithm": algorithm, "delivery": "reliable", "rules": rules, "steps": 3, "clean_first": True}
     res, results = scenario(nprocs, cfg, tmp_path)
-    assert res.returncode == 0, res.output[-2000:]
+    assert res.status == 0, res.output[-2000:]
     assert all(d["status"] == "ok" for d in results.values())
     for d in results.values():
         assert d["digest"] == d["clean_digest"]
@@ -155,7 +157,7 @@ def test_reliable_random_plans_property(tmp_path):
         out = tmp_path / f"t{trial}"
         out.mkdir()
         res, results = scenario(3, cfg, out)
-        assert res.returncode == 0, (cfg, res.output[-2000:])
+        assert res.status == 0, (cfg, res.output[-2000:])
         for d in results.values():
             assert d["digest"] == d["clean_digest"], cfg
 
@@ -169,7 +171,7 @@ def test_same_plan_and_seed_replay_the_same_faults(tmp_path):
         out.mkdir()
         res, results = scenario(4, {"algorithm": "ring", "delivery": "reliable", "rules": rules,
                                     "seed": seed, "steps": 3}, out)
-        assert res.returncode == 0, res.output[-2000:]
+        assert res.status == 0, res.output[-2000:]
         logs.append({r: d["events"] for r, d in results.items()})
     assert logs[0] == logs[1] and any(logs[0].values())
     assert logs[0] != logs[2]  # the seed matters
@@ -209,7 +211,7 @@ def test_bad_rules_are_config_errors():
 def test_diagnose_names_the_slow_rank(tmp_path, rule, named):
     cfg = {"algorithm": "ring", "rules": [rule], "steps": 3, "ledger": str(tmp_path)}
     res, results = scenario(4, cfg, tmp_path)
-    assert res.returncode == 0, res.output[-2000:]
+    assert res.status == 0, res.output[-2000:]
     text, code = diagnose(tmp_path)
     assert code == 0, text
     assert named in text, text
@@ -221,7 +223,7 @@ def test_diagnose_names_the_slow_rank(tmp_path, rule, named):
 ])
 def test_crash_named_by_survivors(tmp_path, cfg, parts):
     res, results = scenario(4, {"algorithm": "ring", "steps": 3, "ledger": str(tmp_path), **cfg}, tmp_path)
-    assert res.returncode != 0
+    assert res.status == 3, res.output[-2000:]  # the survivors' synchronization fault
     assert sorted(results) == [0, 2, 3], res.output[-2000:]  # rank 1 is gone
     msgs = {d["message"] for d in results.values()}
     assert len(msgs) == 1, msgs
@@ -234,12 +236,12 @@ def test_crash_named_by_survivors(tmp_path, cfg, parts):
     assert code == 1 and "rank 1 never entered it" in text, text
 
 
-def test_crash_without_disable_auto_cleanup_is_killed_not_hung(tmp_path):
-    # hydra's default: one rank exiting without MPI_Finalize kills all the others at once
+def test_crash_without_keep_survivors_is_killed_not_hung(tmp_path):
+    # every launcher's default: one rank exiting without MPI_Finalize kills all the others
     res, results = scenario(4, {"algorithm": "ring", "steps": 3, "rules": [{"kind": "crash", "rank": 1, "step": 2}]},
                             tmp_path, cleanup_flag=False, timeout=30)
-    assert res.returncode != 0
-    assert not results  # nobody lived to report: why `mpitrain run` needs -disable-auto-cleanup
+    assert res.status != 0
+    assert not results  # nobody lived to report: why `mpitrain run -n` keeps the survivors
 
 
 def test_fence_brings_a_rank_that_finished_early_into_the_error(tmp_path):
@@ -277,7 +279,7 @@ def test_big_payload_strict_survives_duplicates_reorders_delays(tmp_path):
              {"kind": "delay", "probability": 0.2, "delay_ms": 5}]
     res, results = scenario(4, {"algorithm": "ring", "rules": rules, "steps": 3, "layers": [40000, 9000],
                                 "dtype": "float32", "clean_first": True}, tmp_path)
-    assert res.returncode == 0, res.output[-2000:]
+    assert res.status == 0, res.output[-2000:]
     for d in results.values():
         assert d["digest"] == d["clean_digest"]
     assert sum(d["stats"]["stale_discarded"] for d in results.values()) > 0
@@ -290,7 +292,7 @@ def test_big_payload_reliable_is_bitwise_fault_free(tmp_path, algorithm):
              {"kind": "duplicate", "probability": 0.3}, {"kind": "reorder", "probability": 0.3}]
     res, results = scenario(3, {"algorithm": algorithm, "delivery": "reliable", "rules": rules,
                                 "steps": 3, "layers": BIG, "clean_first": True}, tmp_path)
-    assert res.returncode == 0, res.output[-2000:]
+    assert res.status == 0, res.output[-2000:]
     stats = {k: sum(d["stats"][k] for d in results.values()) for k in results[0]["stats"]}
     assert stats["retransmissions"] > 0 and stats["corrupt_detected"] > 0
     for d in results.values():

@@ -15,7 +15,7 @@ import pytest
 from fake_comm import Fabric, run_ranks
 
 from mpitrain.comm import outbox
-from mpitrain.comm import waiting, wire
+from mpitrain.comm import segments, waiting, wire
 from mpitrain.comm.agreement import agreed
 from mpitrain.comm.allreduce import make_allreducer
 from mpitrain.comm.faults import FaultInjector, FaultPlan
@@ -174,6 +174,42 @@ def test_strict_delivers_inline_and_split_payloads_in_order():
     assert t1.stats["received"] == len(sizes) and t0.stats["sent"] == len(sizes)
 
 
+@pytest.mark.parametrize("delivery, checksum", [
+    ("strict", "xxh3"), ("strict", "crc32c"), ("strict", False), ("reliable", "xxh3"),
+    ("lossy", "xxh3")])
+def test_a_payload_of_several_segments_is_added_bitwise_and_its_sum_checksummed(
+        delivery, checksum):
+    n = (5 * segments.SEGMENT_BYTES) // 8 + 3  # float32: two full segments and a part
+    base = np.linspace(-1, 1, n, dtype=np.float32)
+
+    def rank_main(comm):
+        t = transport(comm, delivery=delivery, checksum=checksum)
+        if comm.Get_rank() == 0:
+            t.send(mid(1), payload(1, n), borrow=True)
+            t.drain()
+            return None
+        acc = base.copy()
+        assert t.recv(mid(1), np.float32, n, add_to=acc) is not None
+        return acc, t.last_sum
+    _, (acc, last_sum) = run_ranks(2, rank_main)
+    assert np.array_equal(acc.view(np.uint32), np.add(base, payload(1, n)).view(np.uint32))
+    summer = wire.checksum_kind(checksum)[0]
+    fused = checksum and delivery == "strict"  # reliable adds only once verified
+    assert last_sum == (summer(acc.view(np.uint8)) if fused else None)
+
+
+@pytest.mark.parametrize("n", [100, 3 * segments.SEGMENT_BYTES // 4 + 1])
+def test_a_corrupted_segment_fails_its_whole_message(n):
+    def rank_main(comm):
+        t = transport(comm, [{"kind": "corrupt", "step": 1, "src": 0, "phase": "reduce_scatter"}],
+                      deadline_s=5.0)
+        ar = make_allreducer("ring", comm, t)
+        ar.wait(ar.start(payload(1, n), 1, 0))
+    errors = run_ranks(2, rank_main)
+    assert all(isinstance(e, SyncError) for e in errors), errors
+    assert "corrupted message from rank 0 (ring reduce_scatter, chunk 0)" in errors[0].message
+
+
 def test_a_stale_duplicate_is_discarded():
     sizes = [(1, 5), (2, 5), (3, 5)]
     got, _, t1 = point_to_point(sizes, [{"kind": "duplicate", "step": 1}])
@@ -228,8 +264,10 @@ def allreduce_results(p, n, delivery="strict", rules=(), algorithm="ring", steps
 
 @pytest.mark.parametrize("algorithm", ["ring", "recursive_doubling", "tree"])
 @pytest.mark.parametrize("p", [2, 3, 4])
-def test_own_allreducers_over_the_fake_comm(algorithm, p):
-    n = 1000
+# 1000: inline; the other: payloads in segments, chunks of unequal segment counts (p = 3:
+# 2, 2 and 3 segments), sent from the buffer (borrow) and added segment by segment.
+@pytest.mark.parametrize("n", [1000, (5 * segments.SEGMENT_BYTES) // 4 + 7])
+def test_own_allreducers_over_the_fake_comm(algorithm, p, n):
     results = allreduce_results(p, n, algorithm=algorithm)
     for outs, _ in results:
         for step, got in enumerate(outs, 1):
@@ -275,6 +313,59 @@ def test_a_lossy_fence_still_fails_on_a_missing_peer():
     t = transport(Fabric(2).comm(1), delivery="lossy", deadline_s=0.05)
     with pytest.raises(SyncError, match="heard nothing from rank 0 at the step-end check"):
         t.fence(1)
+
+
+@pytest.mark.parametrize("n", [5, 3 * INLINE_MAX])
+def test_a_late_message_of_one_connection_is_never_taken_by_the_next(n):
+    """Connection 1's duplicate of its message 0 is still on the way when connection 2 (on
+    the same communicator) receives its own message 0, with the same identity: it must
+    get connection 2's payload (each transport talks on its own duplicate)."""
+    def rank_main(comm):
+        first = transport(comm, [{"kind": "duplicate", "step": 1, "src": 0}])
+        if comm.Get_rank() == 0:
+            first.send(mid(1), payload(1, n))
+        else:
+            first.recv(mid(1), np.float32, n)  # the first copy; the duplicate stays queued
+        first.close()
+        second = transport(comm)
+        if comm.Get_rank() == 0:
+            second.send(mid(1), payload(2, n))
+            second.close()
+            return None
+        got = second.recv(mid(1), np.float32, n).copy()
+        second.close()
+        return got
+    _, got = run_ranks(2, rank_main)
+    if isinstance(got, BaseException):
+        raise got
+    assert np.array_equal(got, payload(2, n))
+
+
+@pytest.mark.parametrize("delivery", ["strict", "lossy"])
+def test_close_waits_for_no_spare_copy_of_a_duplicated_large_message(monkeypatch, delivery):
+    """The second copy of a duplicated message that is the last on its channel is not
+    taken by the transport's receives: the receiver took the first and is done.  A large
+    one completes only when taken (rendezvous), so its sender's close used to wait for it
+    until the deadline (here 60 s, and every peer's next connection with it).  Now the
+    receiver's close takes it (mpitrain.comm.closing) and both return at once."""
+    monkeypatch.setattr(outbox, "_KEEP_ALIVE", [])
+    n = 3 * INLINE_MAX  # beyond the fake's eager limit
+    fabric = Fabric(2)
+
+    def rank_main(comm):
+        t = transport(comm, [{"kind": "duplicate", "step": 1, "src": 0}], delivery=delivery,
+                      deadline_s=60.0)
+        got = None
+        if comm.Get_rank() == 0:
+            t.send(mid(1), payload(1, n))
+        else:
+            got = t.recv(mid(1), np.float32, n).copy()
+        t.close()
+        return got
+    _, got = run_ranks(2, rank_main, timeout=10.0, fabric=fabric)  # the old: "a rank hung"
+    assert np.array_equal(got, payload(1, n))
+    assert fabric.leftovers() == []
+    assert not [q for q, _ in outbox._KEEP_ALIVE if not q.Test()]
 
 
 # --------------------------------------------------------------- agreement

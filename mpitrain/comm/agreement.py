@@ -15,7 +15,9 @@ longest wait; then the lowest reporter.  So every rank raises the same SyncError
 that is not inside a transport call sees the report at its next one (every collective start
 checks); :meth:`mpitrain.comm.transport.Transport.fence` is a deadline-guarded barrier to
 call before any native collective that follows own-algorithm traffic, so no rank blocks in
-MPI while the others are failing.
+MPI while the others are failing; those native collectives have a deadline too
+(:mod:`~mpitrain.comm.guarded`: arrival notices, :meth:`Agreement.report_absent`), for a rank
+that dies or sticks after the fence.
 
 Every function here that reports a failure ends by raising: they are typed ``NoReturn``.
 """
@@ -31,6 +33,12 @@ from mpitrain.comm.tags import TAG_ERROR, TAG_NOTICE
 from mpitrain.comm.waiting import Waiter
 from mpitrain.comm.wire import MessageId
 from mpitrain.errors import SyncError
+
+
+def grace_for(deadline_s: float) -> float:
+    """How long ranks collect error reports by default: a tenth of the deadline, 0.25-1 s."""
+    return min(1.0, max(0.25, deadline_s / 10))
+
 
 FAULT_HINT = ("the fault plan caused this; use delivery = \"reliable\" to survive message "
               "faults, or change the plan")
@@ -68,6 +76,9 @@ class Agreement:
         self.ledger = ledger
         # (MessageId or None, peer, monotonic start) while the transport is blocked
         self.waiting: tuple[MessageId | None, int, float] | None = None
+        # (check, step, key, monotonic start) while in a guarded native collective
+        self.checking: tuple[str, int | None, int, float] | None = None
+        self._arrived: dict[int, int] = {}  # peer -> the last guarded collective it entered
         self._notices: dict[tuple, dict] = {}
         self._crash_notices: dict[int, dict] = {}
         self._last_from: dict[int, tuple[tuple, dict]] = {}  # peer -> its newest notice to us
@@ -90,7 +101,9 @@ class Agreement:
         st = MPI.Status()
         while self.comm.Iprobe(MPI.ANY_SOURCE, TAG_NOTICE, st):
             note = self.comm.recv(source=st.Get_source(), tag=TAG_NOTICE)
-            if "crash" in note:
+            if "arrived" in note:
+                self._arrived[st.Get_source()] = note["arrived"]
+            elif "crash" in note:
                 self._crash_notices[note["crash"]] = note["fault"]
             else:
                 self._notices[tuple(note["mid"])] = note["fault"]
@@ -104,6 +117,9 @@ class Agreement:
 
     def _join(self) -> NoReturn:
         """Add what this rank is blocked on (if anything) to the reports, then resolve."""
+        if self.checking is not None:
+            check, step, key, t0 = self.checking
+            self.report_absent(check, step, key, time.monotonic() - t0)
         if self.waiting is None:
             self.resolve(None)
         mid, peer, t0 = self.waiting
@@ -123,6 +139,43 @@ class Agreement:
         self.fail(1, f"{what}.", f"rank {peer} may have died (crashed or killed) or be stuck; "
                   "look at its output and run `mpitrain diagnose` on the run folder",
                   waited_on=peer, waited=waited, step=step, layer=layer)
+
+    def arrive(self, key: int) -> None:
+        """This rank enters guarded native collective number ``key`` (counted alike on every
+        rank, see :mod:`~mpitrain.comm.guarded`): tell every peer, never waiting."""
+        self._drain_notices()  # the peers' arrivals so far: they must not pile up
+        for r in range(self.size):
+            if r != self.rank:
+                self.post(r, TAG_NOTICE, {"arrived": key})
+
+    def report_absent(self, check: str, step: int | None, key: int, waited: float) -> NoReturn:
+        """Report that guarded collective ``key`` (``check`` of ``step``; None: outside
+        training) did not complete in ``waited`` s: name the ranks that never arrived there,
+        and an injected crash of one.
+
+        A rank that every peer arrived for reports with the lowest priority: it is the late
+        one (the others' reports name it) or a peer died inside the collective."""
+        self.checking = None
+        self._drain_notices()
+        missing = [r for r in range(self.size)
+                   if r != self.rank and self._arrived.get(r, -1) < key]
+        where = check if step is None else f"step {step}, {check}" if step else \
+            f"before step 1, {check}"
+        deadline = f"deadline {self.deadline_s:g} s"
+        if not missing:
+            self.fail(0, f"{where}: every rank arrived, but the collective did not complete in "
+                      f"{waited:.3g} s ({deadline})", "a rank may have died inside the "
+                      "collective; look at the ranks' output", waited=waited, step=step)
+        names = ("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing))
+        what = (f"{where}: {names} did not arrive within the deadline (rank {self.rank} "
+                f"waited {waited:.3g} s, {deadline})")
+        crashed = [describe(self._crash_notices[r]) for r in missing if r in self._crash_notices]
+        if crashed:
+            self.fail(3, f"{what}. Injected fault: {'; '.join(crashed)}.", FAULT_HINT,
+                      waited_on=missing[0], waited=waited, step=step)
+        self.fail(1, f"{what}.", f"{names} may have died (crashed or killed) or be stuck after "
+                  "the previous collective; look at its output and run `mpitrain diagnose` on "
+                  "the run folder", waited_on=missing[0], waited=waited, step=step)
 
     def _injected(self, mid: MessageId | None, peer: int) -> tuple[bool, str | None]:
         """(exact, the injected fault that explains a wait on ``peer`` for message ``mid``),

@@ -191,30 +191,33 @@ class RingAllreducer(Allreducer):
 
     def _run(self, buf, step, layer):
         t, p, r = self.transport, self.size, self.rank
-        n, dt = buf.size, buf.dtype
+        n = buf.size
         lo = [(c * n) // p for c in range(p + 1)]
         right, left = (r + 1) % p, (r - 1) % p
         # Chunks are sent straight from ``buf`` (borrow): a chunk sent in the reduce-scatter
         # is only written again by the allgather, after ``settle``; allgather chunks are not
-        # written again before the end of the collective (``drain`` settles).
+        # written again before the end of the collective (``drain`` settles).  Every chunk
+        # sent after the first is the one received (and summed) just before: its checksum
+        # is the one the transport computed while receiving (``last_sum``), not a new pass.
+        known = None
         for s in range(p - 1):  # after step s, rank r holds the partial sum of chunk r-s-1
             sc, rc = (r - s) % p, (r - s - 1) % p
             t.send(MessageId(step, layer, "ring", "reduce_scatter", sc, r, right),
-                   buf[lo[sc]:lo[sc + 1]], True)
-            got = t.recv(MessageId(step, layer, "ring", "reduce_scatter", rc, left, r), dt,
-                         lo[rc + 1] - lo[rc])
-            if got is not None:
-                seg = buf[lo[rc]:lo[rc + 1]]
-                np.add(seg, got, out=seg)
+                   buf[lo[sc]:lo[sc + 1]], True, known)
+            seg = buf[lo[rc]:lo[rc + 1]]  # seg += the chunk received
+            t.recv(MessageId(step, layer, "ring", "reduce_scatter", rc, left, r), seg.dtype,
+                   seg.size, add_to=seg)
+            known = t.last_sum
         t.settle()
         for s in range(p - 1):  # rank r owns the full sum of chunk r+1; pass them around
             sc, rc = (r + 1 - s) % p, (r - s) % p
             t.send(MessageId(step, layer, "ring", "allgather", sc, r, right),
-                   buf[lo[sc]:lo[sc + 1]], True)
+                   buf[lo[sc]:lo[sc + 1]], True, known)
             seg = buf[lo[rc]:lo[rc + 1]]
-            if t.recv(MessageId(step, layer, "ring", "allgather", rc, left, r), dt, seg.size,
-                      seg) is None:
+            if t.recv(MessageId(step, layer, "ring", "allgather", rc, left, r), seg.dtype,
+                      seg.size, seg) is None:
                 seg[:] = 0
+            known = t.last_sum
 
 
 class RecursiveDoublingAllreducer(Allreducer):
@@ -233,10 +236,8 @@ class RecursiveDoublingAllreducer(Allreducer):
             if t.recv(self._mid(step, layer, "exchange", rounds + 1, r - p2, r), dt, n, buf) is None:
                 buf[:] = 0
             return
-        if r + p2 < p:
-            got = t.recv(self._mid(step, layer, "exchange", 0, r + p2, r), dt, n)
-            if got is not None:
-                np.add(buf, got, out=buf)
+        if r + p2 < p:  # buf += the extra rank's buffer
+            t.recv(self._mid(step, layer, "exchange", 0, r + p2, r), dt, n, add_to=buf)
         for k in range(rounds):
             partner = r ^ (1 << k)
             # a + b == b + a bit for bit, so both partners hold identical sums
@@ -258,16 +259,15 @@ class TreeAllreducer(Allreducer):
     def _run(self, buf, step, layer):
         t, p, r = self.transport, self.size, self.rank
         n, dt = buf.size, buf.dtype
-        mask = 1
+        mask, known = 1, None  # known: buf's checksum, from the transport (see RingAllreducer)
         while mask < p:
             k = mask.bit_length() - 1
             if r & mask:
-                t.send(self._mid(step, layer, "reduce", k, r, r - mask), buf, True)
+                t.send(self._mid(step, layer, "reduce", k, r, r - mask), buf, True, known)
                 break
-            if r + mask < p:
-                got = t.recv(self._mid(step, layer, "reduce", k, r + mask, r), dt, n)
-                if got is not None:
-                    np.add(buf, got, out=buf)
+            if r + mask < p:  # buf += the child's partial sum
+                t.recv(self._mid(step, layer, "reduce", k, r + mask, r), dt, n, add_to=buf)
+                known = t.last_sum
             mask <<= 1
         if r == 0:
             mask = 1 << (p - 1).bit_length()
@@ -277,11 +277,12 @@ class TreeAllreducer(Allreducer):
             if t.recv(self._mid(step, layer, "broadcast", mask.bit_length() - 1, r - mask, r),
                       dt, n, buf) is None:
                 buf[:] = 0
+            known = t.last_sum
         mask >>= 1
         while mask:
             if r + mask < p:
                 t.send(self._mid(step, layer, "broadcast", mask.bit_length() - 1, r, r + mask),
-                       buf, True)
+                       buf, True, known)
             mask >>= 1
 
 

@@ -19,20 +19,23 @@ end-to-end sum check (:class:`SumCheck`)
     :class:`ReductionError` when every rank fails the check, and
     :class:`DivergenceError` when only some do.
 
-Both are collective (every rank must call them, at the same point) and use
-native MPI collectives on the communicator they are given.  ``lost`` (the
+Both are collective (every rank must call them, at the same point) and talk through a
+:class:`~mpitrain.comm.guarded.GuardedComm`: native MPI collectives with a deadline, so a
+rank that died or got stuck before a check is named in a SyncError instead of leaving the
+others inside MPI for ever.  ``lost`` (the
 transport's :attr:`~mpitrain.comm.transport.Transport.lost`) adds which
 messages each rank counted as absent to the error message.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
 import numpy as np
-from mpi4py import MPI
-
 from mpitrain.errors import DivergenceError, NumericsError, ReductionError, SyncError
+
+if TYPE_CHECKING:  # only the type: diagnose and report read ranks_text without any MPI
+    from mpitrain.comm.guarded import GuardedComm
 
 
 def layer_hashes(layers: Sequence[Iterable[np.ndarray]]) -> list[str]:
@@ -48,15 +51,17 @@ def layer_hashes(layers: Sequence[Iterable[np.ndarray]]) -> list[str]:
     return out
 
 
-def _lost_lines(comm, lost, step: int | None, fused: dict[int, int] | None = None) -> list[str]:
+def _lost_lines(guard: GuardedComm, lost, step: int | None, at: tuple[str, int],
+                fused: dict[int, int] | None = None) -> list[str]:
     """Collective: every rank's messages counted as absent (of ``step``), one line each.
 
+    ``at``: the check and step that ask (they name the collective if a rank is missing).
     ``fused`` maps a bucket's lowest layer to its highest: a message of a fused allreduce
     is named by the bucket's lowest layer, which the line spells out.
     """
     mine = [tuple(m) for m in (lost or ()) if step is None or m[0] == step]
     lines = []
-    for r, items in enumerate(comm.allgather(mine)):
+    for r, items in enumerate(guard.allgather(mine, *at)):
         for (st, layer, alg, phase, chunk, src, dst) in items:
             name = (f"layer {layer}" if not fused or layer not in fused
                     else f"layer {layer} (fused layers {layer}..{fused[layer]})")
@@ -85,14 +90,19 @@ def _groups(values: Sequence) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
 
 
-def check_replicas(comm, layers: Sequence[Iterable[np.ndarray]], step: int, lost=None) -> None:
+REPLICA_CHECK = "the replica check"
+END_TO_END_CHECK = "the end-to-end check"
+
+
+def check_replicas(guard: GuardedComm, layers: Sequence[Iterable[np.ndarray]], step: int,
+                   lost=None) -> None:
     """Raise DivergenceError if any layer's parameters differ between ranks (collective).
 
     ``layers[i]`` are the arrays of layer i (e.g. weight and bias), i from 0 at
     the input.  The error has attributes ``step``, ``layer``, ``ranks`` (the
     ranks named as diverged) and ``groups``.
     """
-    table = comm.allgather(layer_hashes(layers))
+    table = guard.allgather(layer_hashes(layers), REPLICA_CHECK, step)
     for i in range(len(table[0])):
         groups = _groups([t[i] for t in table])
         if len(groups) == 1:
@@ -107,7 +117,7 @@ def check_replicas(comm, layers: Sequence[Iterable[np.ndarray]], step: int, lost
             what = "no majority: " + " vs ".join("ranks " + ",".join(map(str, g)) for g in groups)
         when = "before step 1" if step == 0 else f"at step {step}"
         msg = f"replicas diverged {when}: layer {i} parameters: {what}."
-        extra = _lost_lines(comm, lost, None)
+        extra = _lost_lines(guard, lost, None, (REPLICA_CHECK, step))
         if extra:
             msg += " Messages lost: " + "; ".join(extra) + "."
         hint = ("replicas must start equal: every rank must initialise from the same seed or "
@@ -148,7 +158,7 @@ class SumCheck:
         x = buf.astype(np.float64, copy=False)
         self._reduced[layer] = (float(x.sum()), float(x @ self._w(x.size)))
 
-    def verify_finite(self, comm, step: int) -> None:
+    def verify_finite(self, guard: GuardedComm, step: int) -> None:
         """Raise NumericsError if a reduced gradient holds NaN/Inf (collective; call first).
 
         Names the first such layer and where the NaN came from: the rank(s) whose own
@@ -156,7 +166,7 @@ class SumCheck:
         """
         bad = sorted(i for i, (s, _) in self._reduced.items() if not np.isfinite(s))
         own = sorted(i for i, v in self._local.items() if not np.isfinite(v[0]))
-        table = comm.allgather((bad, own))
+        table = guard.allgather((bad, own), END_TO_END_CHECK, step)
         if not any(b for b, _ in table):
             return
         layer = min(i for b, _ in table for i in b)
@@ -178,7 +188,7 @@ class SumCheck:
         raise NumericsError(msg, hint=hint, reporter=0, step=step, layer=layer,
                             ranks=sources or seen)
 
-    def verify(self, comm, step: int, lost=None, *, checksums: bool = True,
+    def verify(self, guard: GuardedComm, step: int, lost=None, *, checksums: bool = True,
                told: Sequence[str] = (), fused: dict[int, int] | None = None) -> None:
         """Raise ReductionError / DivergenceError if a layer's sum is off (collective).
 
@@ -189,9 +199,8 @@ class SumCheck:
         """
         layers = sorted(self._local)
         local = np.array([self._local[i] for i in layers], np.float64).reshape(-1, 3)
-        total = np.empty_like(local)
-        comm.Allreduce(local, total, MPI.SUM)
-        p = comm.Get_size()
+        total = guard.sum(local, END_TO_END_CHECK, step)
+        p = guard.size
         bad = []
         for k, i in enumerate(layers):
             tol = 4.0 * p * self._eps[i] * total[k, 2] * 2.0 + 1e-300
@@ -200,11 +209,11 @@ class SumCheck:
                 bad.append((i, got[0], total[k, 0]))
         self._local.clear()
         self._reduced.clear()
-        table = comm.allgather(bad)
+        table = guard.allgather(bad, END_TO_END_CHECK, step)
         failing = [i for b in table for i, *_ in b]
         if not failing:  # the same answer on every rank: the table was gathered
             return
-        extra = _lost_lines(comm, lost, step, fused)
+        extra = _lost_lines(guard, lost, step, (END_TO_END_CHECK, step), fused)
         layer = min(failing)
         ranks = [r for r, b in enumerate(table) if any(i == layer for i, *_ in b)]
         got, want = next((g, w) for i, g, w in table[ranks[0]] if i == layer)
@@ -212,7 +221,8 @@ class SumCheck:
         where = dict(reporter=0, step=step, layer=layer, ranks=ranks)
         if not extra and not checksums:  # nothing lost: a message arrived, but altered
             raise _altered(step, layer, ranks, p, got, want,
-                           sorted({t for ts in comm.allgather(list(told)) for t in ts}))
+                           sorted({t for ts in guard.allgather(list(told), END_TO_END_CHECK, step)
+                                   for t in ts}))
         if len(ranks) == p:
             raise ReductionError(
                 f"end-to-end check failed at step {step}, layer {layer}: the reduced gradient sums "

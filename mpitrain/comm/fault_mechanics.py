@@ -93,9 +93,9 @@ class FaultMechanics(NoFaults):
             altered = corrupted(pkt, dtype, hit.rule.corrupt, hit.pick)
             effect["change"] = payload_change(pkt, altered, dtype)
             t.transmit(dst, altered)
-        elif kind == "duplicate":
+        elif kind == "duplicate":  # the receiver takes the first; nothing waits for the spare
             t.transmit(dst, pkt)
-            t.transmit(dst, pkt)
+            t.transmit(dst, pkt, spare=True)
         elif kind == "delay":
             self._n += 1
             heapq.heappush(self._delayed, (now + hit.rule.delay_ms / 1e3, self._n, dst, seq, pkt))

@@ -7,7 +7,10 @@ every non-blocking send of a transport is recorded here with its buffer, and
 :meth:`Outbox.flush` waits for them when the transport closes.  Sends still pending after
 that deadline (their receiver is gone) are kept for the process's lifetime, in a bounded
 list (:func:`keep_alive`).  Control messages (pickled, small) are recorded but never
-waited for: the peer may be dead.
+waited for: the peer may be dead.  Nor are spare copies (:attr:`Outbox.spare`: the second
+copy of a duplicated message), which the peer never needs: once it took the first, only its
+closing (:mod:`~mpitrain.comm.closing`) takes the spare, and a large one must not hold its
+sender at close until then.
 """
 from __future__ import annotations
 
@@ -36,12 +39,14 @@ class Outbox:
     """The non-blocking sends of one transport on ``comm``, with the buffers they read.
 
     :attr:`pending` is a list of ``(request, buffer)`` (buffer None: a control message);
-    the transport appends its data sends to it directly (one list append per send).
+    the transport appends its data sends to it directly (one list append per send), and
+    the sends of spare copies to :attr:`spare` (kept alive, never waited for).
     """
 
     def __init__(self, comm):
         self.comm = comm
         self.pending: list[tuple[Any, Any]] = []
+        self.spare: list[tuple[Any, Any]] = []
 
     def post_control(self, dst: int, tag: int, obj: Any) -> None:
         """Small pickled control message; never waited on (the peer may be dead)."""
@@ -58,12 +63,15 @@ class Outbox:
     def prune(self) -> None:
         """Let completed sends go, once more than :data:`PRUNE_AT` are recorded (cheap to
         call after every collective)."""
-        if len(self.pending) > PRUNE_AT:
-            self.pending[:] = [(q, b) for q, b in self.pending if not q.Test()]
+        for sends in (self.pending, self.spare):
+            if len(sends) > PRUNE_AT:
+                sends[:] = [(q, b) for q, b in sends if not q.Test()]
 
     def flush(self, deadline_s: float, spin_s: float) -> None:
         """Wait until every data send has left its buffer, at most ``deadline_s``; hand the
-        ones still pending then to :func:`keep_alive`."""
+        ones still pending then, and the spare copies not sent yet, to :func:`keep_alive`."""
+        keep_alive([(q, b) for q, b in self.spare if not q.Test()])
+        self.spare.clear()
         wait = Waiter(deadline_s, spin_s)
         while True:
             self.pending[:] = [(q, b) for q, b in self.pending if not q.Test()]

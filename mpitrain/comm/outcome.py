@@ -16,18 +16,23 @@ The summary is one line for the user and one ``fault_outcome`` event in events.j
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpitrain.comm.wire import MessageId
+
+if TYPE_CHECKING:  # not at run time: it imports mpi4py.MPI (MPI_Init)
+    from mpitrain.comm.guarded import GuardedComm
 
 CLASSES = ("changed nothing", "survived", "reported", "below tolerance")
 
 
-def gather(comm: Any, transport: Any) -> list[dict] | None:
-    """Collective: every rank's fault effects and losses, on rank 0 (None elsewhere)."""
+def gather(guard: GuardedComm, transport: Any, check: str, step: int) -> list[dict] | None:
+    """Collective: every rank's fault effects and losses, on rank 0 (None elsewhere).
+    ``guard``: the guarded collectives (``check`` and ``step`` name this one in the error
+    if a rank does not arrive)."""
     mine = {"effects": list(transport.faults.effects) if transport is not None else [],
             "lost": [tuple(m) for m in transport.lost] if transport is not None else []}
-    return comm.gather(mine, root=0)
+    return guard.gather(mine, check, step)
 
 
 def classify(rows: list[dict], delivery: str, warned_steps: set[int]) -> dict[str, list[dict]]:

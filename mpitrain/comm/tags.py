@@ -12,5 +12,6 @@ TAG_ACK = 7002     # reliable delivery: cumulative acknowledgement, one int64 (d
 TAG_NOTICE = 7003  # a sender tells the receiver of a fault it injected (pickled; agreement.py)
 TAG_ERROR = 7004   # the error channel: failure reports (pickled; agreement.py)
 TAG_LOSS = 7005    # lossy delivery: "a message was counted absent" (pickled; delivery.py)
+TAG_BYE = 7006     # closing a communicator: nothing more follows from this rank (closing.py)
 TAG_CLOCK_PING = 7101  # ledger clock offsets: rank -> rank 0 (ledger.py)
 TAG_CLOCK_PONG = 7102  # ... and rank 0's clock back

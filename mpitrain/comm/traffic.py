@@ -19,11 +19,14 @@ per-link matrix then stays empty.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpitrain.comm.volume import bytes_sent as modelled_bytes
+
+if TYPE_CHECKING:  # not at run time: it imports mpi4py.MPI, and tools read traffic unlaunched
+    from mpitrain.comm.guarded import GuardedComm
 
 STEP_KEYS = ("bytes_sent", "bytes_received", "bytes_retransmitted", "messages_sent",
              "messages_received")
@@ -95,10 +98,13 @@ class Traffic:
                 "layers": {str(k): v for k, v in sorted(self.layers.items())}}
 
 
-def gather(comm: Any, traffic: Traffic, algorithm: str) -> dict[str, Any] | None:
+def gather(guard: GuardedComm, traffic: Traffic, algorithm: str, step: int
+           ) -> dict[str, Any] | None:
     """Collective: every rank's table merged on rank 0 (None elsewhere), as traffic.json
-    holds it: ``matrix_<kind>`` is P x P (row: source rank, column: destination)."""
-    tables = comm.gather(traffic.table(), root=0)
+    holds it: ``matrix_<kind>`` is P x P (row: source rank, column: destination).
+    ``guard``: the guarded collectives; ``step`` (the run's last) names this one, "the
+    traffic report", in the error if a rank does not arrive."""
+    tables = guard.gather(traffic.table(), "the traffic report", step)
     if tables is None:
         return None
     size = len(tables)

@@ -1,24 +1,20 @@
 """The transport: the ONE place every point-to-point message of the harness passes.
 
-Its parts, one job each: :mod:`~mpitrain.comm.wire` (message id, header, checksums, inline
-or split payloads), :mod:`~mpitrain.comm.delivery` (strict, lossy, reliable as policy
-objects), :mod:`~mpitrain.comm.agreement` (the error channel: every rank raises the same
-SyncError), :mod:`~mpitrain.comm.waiting` (the deadline-and-backoff rule of every wait),
-:mod:`~mpitrain.comm.fault_mechanics` (what injected faults do), :mod:`~mpitrain.comm.outbox`
-(send buffers kept alive until MPI has read them), :mod:`~mpitrain.comm.tags`.
+Its parts, one job each, are listed in docs/architecture.md (wire, segments, delivery,
+agreement, waiting, fault_mechanics, outbox, tags).  This module keeps the sequence numbers
+and the stash.  Both sides of a channel (src -> dst) count messages in program order, so the
+receiver knows which sequence number it wants: an older one is stale (a duplicate, or a
+message that arrived after its deadline) and is discarded; a newer one arrived early
+(reordered) and is stashed (strict, lossy) or discarded (reliable: the sender resends it in
+order).  So a message is never taken for another, and the tag space stays tiny.  Each
+transport (a connection) talks on its own duplicate of the communicator it is given, so a
+late message of one connection can never be taken by the next.
 
-This module keeps the sequence numbers and the stash.  Both sides of a channel (src -> dst)
-count messages in program order, so the receiver knows which sequence number it wants: an
-older one is stale (a duplicate or a message that arrived after its deadline) and is
-discarded; a newer one arrived early (reordered) and is stashed (strict, lossy) or discarded
-(reliable: the sender resends it in order).  A message can therefore never be taken for
-another, and the tag space stays tiny.
-
-A large payload is received straight into ``out`` (or a scratch buffer) and, in strict
-delivery, sent from the caller's buffer (``borrow=True``; :meth:`Transport.settle` before it
-is written again).  A polling receive also runs the error channel, acknowledgements, timers
-and delayed messages (:meth:`Transport._background`).  Faults are injected at the sender;
-without an injector the send path costs one test more than a bare send.
+A large payload is received straight into ``out`` (or added into ``add_to``, segment by
+segment) and, in strict delivery, sent from the caller's buffer (``borrow=True``;
+:meth:`Transport.settle` before it is written again).  A polling receive also runs the error
+channel, acknowledgements, timers and delayed messages (:meth:`Transport._background`).
+Faults are injected at the sender (without an injector: one test more than a bare send).
 """
 from __future__ import annotations
 
@@ -28,17 +24,20 @@ from typing import Any, Callable
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.comm.agreement import Agreement
+from mpitrain.comm.agreement import Agreement, grace_for
 from mpitrain.comm.checks import StepEvidence
+from mpitrain.comm.closing import close
 from mpitrain.comm.delivery import make_delivery
 from mpitrain.comm.fault_mechanics import FaultMechanics, NoFaults
+from mpitrain.comm.guarded import duplicate
 from mpitrain.comm.outbox import Outbox
+from mpitrain.comm.segments import Payloads, post_segments
 from mpitrain.comm.tags import TAG_DATA
 from mpitrain.comm.traffic import Traffic
 from mpitrain.comm.waiting import CHECK_MASK, Waiter, spin_budget
 from mpitrain.comm.wire import (F_DROPPED, F_SPLIT, H_CRC, H_FLAGS, H_NBYTES, H_SEQ, HDR_BYTES,
                                 HEADER, INLINE_MAX, MessageId, Packet, checksum_kind,
-                                header_problem, pack_header)
+                                header_problem, pack_header, running_kind)
 from mpitrain.trace import OFF, NoTrace
 
 _ABSENT = object()  # _accept's answer for a lossy tombstone
@@ -48,8 +47,8 @@ class Transport:
     """Point-to-point messaging with deadlines, checksums and fault hooks.
 
     Must be created collectively (same arguments, same order of messages) on every rank of
-    ``comm``; ``comm`` should be the harness's own duplicate so no other traffic shares its
-    tags.  Not thread-safe.
+    ``comm``; it talks on its own duplicate (:attr:`comm`, freed by :meth:`close`).  Not
+    thread-safe.
 
     ``events``: a callable or a list receiving event dicts ("fault" events come from the
     injector; the transport adds ``{"event": "lost", ...}`` in lossy mode).  ``ledger``: a
@@ -65,13 +64,12 @@ class Transport:
                  rto_s: float | None = None, grace_s: float | None = None,
                  checksum: bool | str = True, oversubscribed: bool = False,
                  traffic: Traffic | None = None, tracer: NoTrace = OFF):
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.deadline_s = float(deadline_s)
+        self.comm = comm = duplicate(comm, self.deadline_s)
         self.oversubscribed = oversubscribed
         self.rto_s = float(rto_s) if rto_s is not None else min(0.05, self.deadline_s / 10)
-        self.grace_s = float(grace_s) if grace_s is not None else min(1.0, max(0.25, self.deadline_s / 10))
+        self.grace_s = float(grace_s) if grace_s is not None else grace_for(self.deadline_s)
         self.ledger = ledger
         self.emit = events.append if isinstance(events, list) else events
         self.traffic = traffic if traffic is not None else Traffic(self.rank, self.size)
@@ -82,21 +80,21 @@ class Transport:
         self.delivery = make_delivery(delivery, self, summer is not None, self.rto_s)
         self._sum: Callable[[Any], int] = summer or (lambda data: 0)
         self.use_crc = self.delivery.checksums
+        self.payloads = Payloads(self, running_kind(checksum) if self.use_crc else None)
+        self.last_sum: int | None = None  # see recv
         self.agreement = Agreement(comm, deadline_s=self.deadline_s, grace_s=self.grace_s,
                                    retransmits=self.delivery.retransmits,
                                    post=self.outbox.post_control, ledger=ledger)
         self.faults = FaultMechanics(injector, self) if injector is not None else NoFaults()
-        # the fault path of a send: None (no injector) costs one test per message
-        self._mechanics = self.faults if isinstance(self.faults, FaultMechanics) else None
+        self._mechanics = (  # the fault path of a send: None (no injector) costs one test
+            self.faults if isinstance(self.faults, FaultMechanics) else None)
         self._borrows = self.delivery.borrows
         self._spin = spin_budget(0, oversubscribed)
         p = self.size
-        self._send_seq = [0] * p
-        self._recv_seq = [0] * p
+        self._send_seq, self._recv_seq = [0] * p, [0] * p  # next sequence number per peer
         self._stash: list[dict[int, tuple[tuple, np.ndarray]]] = [{} for _ in range(p)]
         self._borrowed: list[tuple[Any, np.ndarray, int]] = []  # (request, payload, dst)
         self._rbuf = np.empty(HDR_BYTES + INLINE_MAX, np.uint8)  # headers, inline packets
-        self._scratch = np.empty(0, np.uint8)  # split payloads received without ``out``
         self._status = MPI.Status()
         self.lost: list[MessageId] = []
         self.stats: dict[str, float] = dict(
@@ -106,14 +104,16 @@ class Transport:
         self._wait_by_peer: dict[int, float] = {}
 
     # ------------------------------------------------------------------ send
-    def send(self, mid: MessageId, payload: np.ndarray, borrow: bool = False) -> None:
+    def send(self, mid: MessageId, payload: np.ndarray, borrow: bool = False,
+             checksum: int | None = None) -> None:
         """Send ``payload`` (1-D contiguous) as message ``mid`` (mid.src must be this rank).
 
         Never blocks.  By default the payload is copied at once, so the caller may
         overwrite it immediately.  With ``borrow=True`` a large payload may be sent
         straight from the caller's memory (strict delivery, no fault on this message):
         the caller must then not modify it before :meth:`settle` (or :meth:`drain`,
-        which settles) has returned.
+        which settles) has returned.  ``checksum``: the payload's checksum when the caller
+        has it from this transport (:attr:`last_sum`), so it is not computed again.
         """
         dst = mid.dst
         seq = self._send_seq[dst]
@@ -124,7 +124,7 @@ class Transport:
             self.traffic.sent(dst, mid.layer, n)
         if self.tracer.on:
             self.tracer.sent(mid, seq, n)
-        crc = self._sum(data) if self.use_crc else 0
+        crc = 0 if not self.use_crc else checksum if checksum is not None else self._sum(data)
         hit = None
         mechanics = self._mechanics
         if mechanics is not None and mid.algorithm != "fence":
@@ -143,22 +143,26 @@ class Transport:
             assert mechanics is not None
             mechanics.send(mid, seq, pkt, payload.dtype, hit)
 
-    def transmit(self, dst: int, pkt: Packet, lent: bool = False) -> None:
+    def transmit(self, dst: int, pkt: Packet, lent: bool = False, spare: bool = False) -> None:
         """Put packet ``pkt`` on the network to ``dst`` (no delivery bookkeeping: see send).
 
-        A split payload follows its header on the same (source, tag, communicator), which
-        MPI's non-overtaking rule keeps in order; ``lent``: it is the caller's memory, which
-        :meth:`settle` waits for.
+        A split payload follows its header in segments (:mod:`~mpitrain.comm.segments`) on
+        the same (source, tag, communicator), which MPI's non-overtaking rule keeps in
+        order; ``lent``: it is the caller's memory, which :meth:`settle` waits for.
+        ``spare``: a copy the peer never needs (a duplicate's second), which nothing waits
+        for (see :mod:`~mpitrain.comm.outbox`).
         """
         head, body = pkt
         comm = self.comm
-        self._inflight.append((comm.Isend(head, dst, TAG_DATA), head))
+        sends = self.outbox.spare if spare else self._inflight
+        sends.append((comm.Isend(head, dst, TAG_DATA), head))
         nb = len(head)
         if body is not None:
+            sent = post_segments(comm, body, dst)
             if lent:
-                self._borrowed.append((comm.Isend(body, dst, TAG_DATA), body, dst))
+                self._borrowed.extend((q, part, dst) for q, part in sent)
             else:
-                self._inflight.append((comm.Isend(body, dst, TAG_DATA), body))
+                sends.extend(sent)
             nb += body.size
         stats = self.stats
         stats["sent"] += 1
@@ -190,31 +194,32 @@ class Transport:
         agreement.waiting = None
 
     # --------------------------------------------------------------- receive
-    def recv(self, mid: MessageId, dtype, count: int, out: np.ndarray | None = None
-             ) -> np.ndarray | None:
+    def recv(self, mid: MessageId, dtype, count: int, out: np.ndarray | None = None,
+             add_to: np.ndarray | None = None) -> np.ndarray | None:
         """Receive message ``mid`` (mid.dst must be this rank): ``count`` items of ``dtype``.
 
-        With ``out`` (a contiguous array of ``count`` items of ``dtype``) the payload is
-        received straight into it and ``out`` is returned; without, a view of the
-        payload valid until the next ``recv`` is returned.  Returns None in lossy mode
-        when the message did not arrive within the deadline (``out`` is then left
-        as it was, or partly written).  Raises SyncError (strict, reliable) as
-        described in :mod:`mpitrain.comm.agreement`.
+        Into ``out`` (a contiguous array of ``count`` items of ``dtype``), added into
+        ``add_to`` (the same, element by element), returning that array; with neither, a
+        view of the payload valid until the next ``recv``.  :attr:`last_sum`: the checksum
+        of the returned ``out`` / ``add_to`` where known without another pass, for ``send``.
+        None in lossy mode when the message did not arrive within the deadline (``out``
+        left as it was, or partly written).  Raises SyncError (strict: maybe after adding
+        into ``add_to``; reliable) as described in :mod:`mpitrain.comm.agreement`.
         """
         src = mid.src
         seq = self._recv_seq[src]
         self._recv_seq[src] = seq + 1
         nbytes = count * (dtype.itemsize if isinstance(dtype, np.dtype) else np.dtype(dtype).itemsize)
-        stash = self._stash[src]
+        stash, dest, self.last_sum = self._stash[src], (out, add_to), None
         if stash:
             ent = stash.pop(seq, None)
             if ent is not None:
-                got = self._accept(mid, seq, nbytes, ent[0], ent[1], out)
+                got = self._accept(mid, seq, nbytes, ent[0], ent[1], dest)
                 if got is _ABSENT:
                     self.delivery.absent(mid)
                     return None
                 if got is not None:
-                    return out if out is not None else got.view(dtype)
+                    return got.view(dtype)
         wait = Waiter(self.deadline_s, self._spin)
         comm, status, agreement, polls = self.comm, self._status, self.agreement, 0
         agreement.waiting = (mid, src, wait.t0)
@@ -228,14 +233,14 @@ class Transport:
                 msg.Recv([rbuf, size, MPI.BYTE])
                 hdr = HEADER.unpack_from(rbuf)
                 body = None if hdr[H_FLAGS] & F_SPLIT else rbuf[HDR_BYTES:size]
-                got = self._accept(mid, seq, nbytes, hdr, body, out)
+                got = self._accept(mid, seq, nbytes, hdr, body, dest)
                 if got is not None:
                     self._note_wait(src, wait.t0)
                     agreement.waiting = None
                     if got is _ABSENT:
                         self.delivery.absent(mid)
                         return None
-                    return out if out is not None else got.view(dtype)
+                    return got.view(dtype)
                 polls = 0
                 continue
             polls += 1
@@ -263,32 +268,20 @@ class Transport:
         self._wait_s += w
         self._wait_by_peer[src] = self._wait_by_peer.get(src, 0.0) + w
 
-    def _body(self, mid: MessageId, nbytes: int, into: np.ndarray | None) -> np.ndarray:
-        """Receive the payload message that follows a header from ``mid.src``."""
-        if into is None:
-            if self._scratch.size < nbytes:
-                self._scratch = np.empty(max(nbytes, 2 * self._scratch.size), np.uint8)
-            into = self._scratch[:nbytes]
-        req = self.comm.Irecv([into, nbytes, MPI.BYTE], mid.src, TAG_DATA)
-        if not req.Test():
-            wait = Waiter(self.deadline_s, spin_budget(nbytes, self.oversubscribed))
-            if not wait.wait_for(req, self._background):  # the sender died mid-message
-                self.agreement.report_wait(mid, mid.src, wait.waited())
-        return into
-
     def _accept(self, mid: MessageId, seq: int, nbytes: int, hdr: tuple,
-                body: np.ndarray | None, out: np.ndarray | None):
-        """Classify an arrived packet: the payload (uint8) if it is the wanted one, _ABSENT
-        for a tombstone, else None.
+                body: np.ndarray | None, dest: tuple[np.ndarray | None, np.ndarray | None]):
+        """Classify an arrived packet: the payload (``out``, ``add_to`` or a uint8 view) if
+        it is the wanted one, _ABSENT for a tombstone, else None.
 
-        ``body`` is the payload already at hand, or None when it follows as its own
-        message (it is then always received here, so the channel stays in step).
+        ``body`` is the payload already at hand, or None when it follows in segments (it
+        is then always received here, so the channel stays in step).  ``dest``: recv's
+        (out, add_to).
         """
         s, src = hdr[H_SEQ], mid.src
         if s != seq:
             if body is None:  # take the payload off the channel
-                body = self._body(mid, hdr[H_NBYTES], None if s < seq else
-                                  np.empty(hdr[H_NBYTES], np.uint8))
+                body = self.payloads.receive(mid, hdr[H_NBYTES], None if s < seq else
+                                             np.empty(hdr[H_NBYTES], np.uint8))[0]
             if s < seq:  # duplicate, retransmission already had, or late after its deadline
                 self.stats["stale_discarded"] += 1
                 self.delivery.on_stale(src, seq)
@@ -300,14 +293,10 @@ class Transport:
         problem = header_problem(hdr, mid, seq, nbytes, body, self._sum_flag)
         if problem is not None:
             self.agreement.fail_mismatch(problem, mid, hdr)
-        dest = out.view(np.uint8) if out is not None else None
-        if body is None:
-            body = self._body(mid, nbytes, dest)
-        elif dest is not None:
-            dest[:] = body
-            body = dest
-        if self.use_crc and self._sum(body) != hdr[H_CRC]:
+        body, crc = self._land(mid, nbytes, body, *dest)
+        if self.use_crc and crc != hdr[H_CRC]:
             self.stats["corrupt_detected"] += 1
+            self.last_sum = None
             if self.tracer.on:
                 self.tracer.corrupt(mid)
             return self.delivery.on_corrupt(mid, seq)
@@ -317,7 +306,27 @@ class Transport:
         if self.tracer.on:
             self.tracer.accepted(mid, seq, nbytes)
         self.delivery.on_received(src, seq)
-        return body
+        add_to = dest[1]
+        if add_to is None or body is add_to:  # (added while landing)
+            return body
+        return np.add(add_to, body.view(add_to.dtype), out=add_to)  # verified, then added
+
+    def _land(self, mid: MessageId, nbytes: int, body: np.ndarray | None,
+              out: np.ndarray | None, add_to: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """The wanted payload where recv wants it (into ``out``; into ``add_to`` at once where
+        a corrupted message ends the collective, see :mod:`~mpitrain.comm.segments`, else
+        left to add once verified) and its checksum (0: off); sets :attr:`last_sum`."""
+        if body is not None:  # inline: small, at hand
+            if out is not None:
+                out.view(np.uint8)[:] = body
+                body = out.view(np.uint8)
+            return body, self._sum(body) if self.use_crc else 0
+        fused = add_to if not self.delivery.retransmits else None
+        body, crc, summed = self.payloads.receive(
+            mid, nbytes, out.view(np.uint8) if out is not None else None, fused)
+        if self.use_crc:
+            self.last_sum = summed if fused is not None else crc if out is not None else None
+        return body, crc
 
     # ------------------------------------------------------------ background
     def _background(self) -> None:
@@ -401,7 +410,9 @@ class Transport:
         self.drain()
 
     def close(self) -> None:
-        """Flush delayed messages, (reliable) wait for acknowledgements, and wait until every
-        data send has left its buffer (at most ``deadline_s``; see :mod:`~mpitrain.comm.outbox`)."""
+        """Collective, the last call on every rank: flush delayed messages, (reliable) wait
+        for acknowledgements, take what the peers still sent (a spare copy, an
+        acknowledgement, a notice) and wait until this rank's own sends have left their
+        buffers (at most ``deadline_s``; :mod:`~mpitrain.comm.closing`)."""
         self.drain()
-        self.outbox.flush(self.deadline_s, self._spin)
+        close(self.comm, self.deadline_s, self._spin, self.outbox)

@@ -5,18 +5,18 @@ Messages
     :data:`~mpitrain.comm.tags.TAG_DATA`, as a 96-byte int64 header (:data:`HEADER`)
     carrying a per-channel sequence number, the full :class:`MessageId` (step, layer,
     algorithm, phase, chunk, src, dst), the payload length, a checksum of the payload
-    (CRC-32C, hardware-accelerated through the ``crc32c`` package; zlib's CRC-32 if it is
-    missing, flagged in the header so mixed ranks are reported, not misread; none with
-    ``checksum=False``, which trusts MPI's own delivery and saves two checksum passes per
-    byte -- a third of a large allreduce's time here) and flags.  Payloads up to
-    :data:`INLINE_MAX` bytes are copied behind the header into one MPI message.  Larger
-    payloads follow the header as a second MPI message on the same (source, tag,
-    communicator) (flag :data:`F_SPLIT`): MPI's non-overtaking rule keeps the pair in
-    order, and the receiver always takes the payload right after its header.
+    (:func:`checksum_kind`: xxh3 by default, CRC-32C or zlib's CRC-32 by choice, flagged in
+    the header so mixed ranks are reported, not misread; none with ``checksum=False``,
+    which trusts MPI's own delivery) and flags.  Payloads up to :data:`INLINE_MAX` bytes
+    are copied behind the header into one MPI message.  Larger payloads follow the header
+    in segments on the same (source, tag, communicator) (flag :data:`F_SPLIT`;
+    :mod:`mpitrain.comm.segments`): MPI's non-overtaking rule keeps them in order, and the
+    receiver always takes the payload right after its header.  The checksum covers the
+    whole payload; :class:`Running` computes it segment by segment.
 
 Packets
     A packet is ``(head, body)``: ``head`` the header (with the payload inline when
-    ``body`` is None), ``body`` the payload that follows as its own message.
+    ``body`` is None), ``body`` the payload that follows in segments.
 
 The sequence numbers and what the receiver does with a packet that is not the one it
 wants live in :mod:`mpitrain.comm.transport`; this module only builds and reads packets.
@@ -40,10 +40,11 @@ def _xxh3(data: Any) -> int:
 
 
 _WORD = (1 << 63) - 1
-# The payload checksums, by their [faults] checksum name: (function, header flag).  xxh3
-# (the xxhash package) runs at ~59 GB/s here, CRC-32C (crc32c, SSE4.2) at ~19 GB/s; every
-# payload is checksummed twice (sender, receiver), so the faster one keeps the check a small
-# fraction of a transfer.  zlib's CRC-32 only reads headers from older mpitrain versions.
+# The payload checksums, by their [faults] checksum name: (function, header flag).  Every
+# payload is checksummed twice (sender, receiver), so the faster one keeps the check a
+# smaller fraction of a transfer: xxh3 (the xxhash package) ran 3x faster than CRC-32C
+# (crc32c, SSE4.2) on every box measured, 19-59 GB/s against 6-19 GB/s in cache
+# (benchmarks/hash_rates.py).  zlib's CRC-32 only reads headers from older versions.
 CHECKSUMS: dict[str, tuple[Callable[[Any], int], int]] = {
     "xxh3": (_xxh3, 16), "crc32c": (crc32c, 4), "zlib": (zlib.crc32, 0)}
 DEFAULT_CHECKSUM = "xxh3"
@@ -97,6 +98,46 @@ def checksum_kind(choice: bool | str) -> tuple[Callable[[Any], int] | None, int]
     if choice not in CHECKSUMS:
         raise ValueError(f"unknown checksum {choice!r}; use one of {', '.join(CHECKSUMS)}")
     return CHECKSUMS[str(choice)]
+
+
+class _RunningCrc:
+    """A CRC computed piece by piece, with xxhash's streaming interface."""
+
+    __slots__ = ("crc", "value")
+
+    def __init__(self, crc: Callable[..., int]):
+        self.crc, self.value = crc, 0
+
+    def update(self, data: Any) -> None:
+        self.value = self.crc(data, self.value)
+
+    def intdigest(self) -> int:
+        return self.value
+
+
+class Running:
+    """One payload's checksum computed piece by piece, in order (:meth:`update`); its
+    :meth:`value` equals the one-shot checksum of :func:`checksum_kind` over the pieces
+    joined, so a receiver can check each segment of a payload while it is in cache."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, kind: str):
+        self._state = xxhash.xxh3_64() if kind == "xxh3" else _RunningCrc(CHECKSUMS[kind][0])
+
+    def update(self, data: Any) -> None:
+        self._state.update(data)
+
+    def value(self) -> int:
+        return self._state.intdigest() & _WORD
+
+
+def running_kind(choice: bool | str) -> str | None:
+    """The checksum name for :class:`Running` (None: no checksum), for the same ``choice``
+    as :func:`checksum_kind`."""
+    if checksum_kind(choice)[0] is None:
+        return None
+    return DEFAULT_CHECKSUM if choice is True else str(choice)
 
 
 def pack_header(mid: MessageId, seq: int, crc: int, nbytes: int, flags: int) -> bytes:

@@ -1,5 +1,6 @@
-"""``mpitrain evaluate TARGET [--data JOB_OR_NPZ] [--set ...] [--split ...] [-n P] [--json]``:
-a trained model on a data set, at any rank count.
+"""``mpitrain evaluate TARGET [--data JOB_OR_NPZ] [--set ...] [--split ...] [--json]
+[-n P [--hosts H | --hostfile F] [-- MPIEXEC_ARGS]]``: a trained model on a data set, at
+any rank count.
 
 TARGET is a run folder or a parameter file:
 
@@ -17,8 +18,9 @@ anything else uses all samples.
 
 Runs like ``mpitrain run``: under mpiexec/srun (each rank evaluates a contiguous part of the
 samples and the sums are added up, :func:`mpitrain.train.evaluate`), in one process, or
-re-launched with ``-n P``.  Rank 0 prints mean loss, accuracy and, for classification, the
-confusion matrix (rows: true class, columns: predicted), or with ``--json`` one JSON object.
+re-launched with ``-n P`` (on other hosts too, as ``run -n P --hosts``).  Rank 0 prints mean
+loss, accuracy and, for classification, the confusion matrix (rows: true class, columns:
+predicted), or with ``--json`` one JSON object.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .. import checkpoint, config, data, jobs
 from ..config import JobConfig
 from ..context import RankContext, World, environment
 from ..errors import ConfigError, DataError
-from ..launch import exec_under_mpiexec
+from ..launch import exec_under_mpiexec, launch_options
 from ..metrics import fmt
 from ..model import MLP
 from ..session import session
@@ -60,9 +62,12 @@ class Plan:
 def main(args: argparse.Namespace) -> int:
     """``mpitrain evaluate``: every rank calls it; 0 after printing.  With ``args.nprocs``
     it does not return (the process becomes ``mpiexec -n P`` running it without ``-n``)."""
+    options = launch_options(args.nprocs, args.hosts, args.hostfile, args.launcher_args,
+                             "evaluate")
     if args.nprocs is not None:
         make_plan(args, environment())  # bad input: one message before any rank starts
-        exec_under_mpiexec(args.nprocs, ["-m", "mpitrain", *command_line(args)])
+        exec_under_mpiexec(args.nprocs, ["-m", "mpitrain", *command_line(args)],
+                           options=options)
     with session() as world:
         with world.collective_errors():
             plan = make_plan(args, world.env)

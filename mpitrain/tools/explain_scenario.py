@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config, data, jobs
+from .. import config, data, jobs, shard
 from ..errors import DataError
 from ..metrics import fmt
 from ..model import MLP
@@ -35,7 +35,7 @@ def two_gpu_step(job: str | Path = DEFAULT_JOB) -> dict:
     size = len(RANK_NAMES)
     dataset = data.load(cfg.data, cfg.run.seed)
     train_idx, _ = data.split(len(dataset.x), cfg.data.val_fraction, cfg.run.seed)
-    samplers = [data.ShardSampler(train_idx, cfg.data.batch_size, rank, size, cfg.run.seed,
+    samplers = [shard.ShardSampler(train_idx, cfg.data.batch_size, rank, size, cfg.run.seed,
                                   cfg.data.shuffle, cfg.data.tail) for rank in range(size)]
     replicas = [_replica(cfg, dataset) for _ in range(size)]
     sends: list[dict] = []
@@ -133,7 +133,7 @@ def _layer_report(model: MLP, i: int, sent: list, average) -> dict:
             "average": split(average)}
 
 
-def _apply(cfg, model: MLP, average: dict, sampler: data.ShardSampler) -> dict:
+def _apply(cfg, model: MLP, average: dict, sampler: shard.ShardSampler) -> dict:
     """Parameters after step 1: the job's optimizer on the averaged gradients."""
     model = _clone(model)
     total = cfg.run.steps or (cfg.run.epochs or 10) * sampler.steps_per_epoch

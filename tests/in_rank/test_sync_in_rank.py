@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mpitrain.comm.allreduce import ALGORITHMS, make_allreducer
+from mpitrain.comm.guarded import GuardedComm
 from mpitrain.comm.transport import Transport
 from mpitrain.errors import DivergenceError
 from mpitrain.sync import GradientSync, verify_replicas
@@ -117,11 +118,12 @@ def test_buckets_keep_the_end_to_end_checks_per_layer(comm, delivery):
 def test_replica_check_names_the_rank_that_differs(comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     params = [np.ones(5), np.ones(3)]
-    verify_replicas(comm, params, 0)  # identical: no error
+    guard = GuardedComm(comm, None, deadline_s=20)
+    verify_replicas(guard, params, 0)  # identical: no error
     if rank == size - 1:
         params[1][2] += 1e-12  # one ulp-sized difference is still a different replica
     with pytest.raises(DivergenceError) as err:
-        verify_replicas(comm, params, 7)
+        verify_replicas(guard, params, 7)
     assert err.value.layer == 1 and err.value.step == 7
     if size > 2:
         assert err.value.ranks == [size - 1]

@@ -80,7 +80,10 @@ SlurmctldPort=$CTLD_PORT
 SlurmdPort=$D_PORT
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$STATE/munge/munge.socket.2
+# cred_expire: how long a node remembers a job's revoked credentials, which is also how long
+# Slurm holds a requeued job (default 120 s); a requeued job released before that is killed
+# at launch ("Job credential revoked").  Short here, so the preemption test waits seconds.
+AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=15
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/slurmd-%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid

@@ -21,6 +21,7 @@ from doc_commands import (REPO, Command, CommandBlockParser, FenceLanguageCheck,
     ("loss 0.0465", "loss 0.04652"),          # a float matches as far as it is written
     ("loss 0.0465", "loss 0.0466"),           # ... within one unit of its last digit
     ("diff = 5.96e-08", "diff = 5.95e-08"),
+    ('"loss": 0.01684886238537729', '"loss": 0.016848864210769535'),  # another CPU's rounding
     ("first\n...\nlast", "first\nany\nlines\nlast"),  # a `...` line: any lines
     ("first\n...\nlast", "first\nlast"),
     ("(.../jobs/x.toml)", "(/opt/site/jobs/x.toml)"),  # inline `...`
@@ -43,6 +44,7 @@ def test_output_matches(doc, printed):
     ("float32", "float64", "differs"),
     ("loss 0.0465", "loss 0.0468", "0.0468 where the doc shows 0.0465"),
     ("diff = 5.96e-08", "diff = 1.19e-07", "where the doc shows 5.96e-08"),
+    ('"loss": 0.01684886238537729', '"loss": 0.0168491', "where the doc shows 0.0168488"),
     ("(deadline 10 s)", "(deadline 2 s)", "differs"),  # a deadline is a setting, not a timing
     ("first\n...\nlast", "first\nlast\nmore", "differs"),
     ("val_acc 0.9889", "val_acc nan", "nan where the doc shows 0.9889"),

@@ -51,6 +51,7 @@ from mpitrain.comm.ledger import Ledger  # noqa: E402
 from mpitrain.comm.transport import Transport  # noqa: E402
 from mpitrain.context import World  # noqa: E402
 from mpitrain.errors import MpitrainError  # noqa: E402
+from mpitrain.session import EXIT_WAIT_S  # noqa: E402
 
 
 def data(rank: int, n: int, dtype, salt: int) -> np.ndarray:
@@ -191,6 +192,10 @@ def run_scenario(cfg: dict) -> None:
         if out["reporter"] in (None, r):
             print(f"ERROR: {out['message']}", flush=True)
         sys.stdout.flush()
+        # Leave together, as mpitrain.session does: under mpiexec's own clean-up the first
+        # rank to exit takes the others down, maybe before they have written their result.
+        if p > 1:
+            world.all_present(timeout=EXIT_WAIT_S)
         os._exit(out["exit_code"])
 
 

@@ -263,9 +263,10 @@ def _vanished(launch_dir: Path) -> bool:
 
 
 def _all_completed(launch_dir: Path) -> bool:
-    """Whether every rank that came up on this machine completed (``done-R``): then every
-    rank has passed the closing handshake (mpitrain.comm.closing), and what the others do
-    after it is MPI_Finalize and exit."""
+    """Whether every rank that came up on this machine completed (``done-R``): it wrote
+    ``done`` after the closing handshake (mpitrain.comm.closing), i.e. once every peer had
+    said bye -- or had not within the deadline -- so the job's training is over and what
+    is left is MPI_Finalize and exit."""
     started = {path.name.split("-")[1] for path in launch_dir.glob("started-*")}
     done = {path.name.split("-")[1] for path in launch_dir.glob("done-*")}
     return bool(started) and started <= done
